@@ -1,0 +1,64 @@
+"""Size accounting measured from the tensors an exported model actually holds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .lowrank import LAYOUT_KEY
+
+__all__ = ["SizeReport", "size_report", "size_ratio"]
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Parameter counts of an exported model.
+
+    ``target_ratio = target_params / target_dense_params`` over the compressed layers;
+    ``full_ratio`` adds every other unique parameter (embeddings, norms, head) to both sides.
+    """
+
+    target_params: int
+    target_dense_params: int
+    total_params: int
+    total_dense_params: int
+
+    @property
+    def target_ratio(self) -> float:
+        return self.target_params / self.target_dense_params
+
+    @property
+    def full_ratio(self) -> float:
+        return self.total_params / self.total_dense_params
+
+    def __str__(self) -> str:
+        return (
+            f"target layers: {self.target_params:,} / {self.target_dense_params:,} params "
+            f"(ratio {self.target_ratio:.4f}); whole model: {self.total_params:,} / "
+            f"{self.total_dense_params:,} (ratio {self.full_ratio:.4f})"
+        )
+
+
+def size_report(model: nn.Module) -> SizeReport:
+    """Count the parameters of an exported model's target layers, from the tensors that exist.
+
+    The dense reference of each layer (``in*out`` + bias) comes from the layout in the config.
+    """
+    layout = getattr(getattr(model, "config", None), LAYOUT_KEY, None)
+    if not layout:
+        raise ValueError(
+            f"{type(model).__name__} carries no acip layout in its config: it is not an acip export. "
+            f"Export one with acip.export(score_map, ratio=...)."
+        )
+    top = {n: e for n, e in layout.items() if e.get("kind") in ("lowrank", "dense")}
+    target = sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in top)
+    dense = sum(e["in_features"] * e["out_features"] + (e["out_features"] if e["bias"] else 0) for e in top.values())
+    prefixes = tuple(n + "." for n in top)
+    rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(prefixes))
+    return SizeReport(target, dense, target + rest, dense + rest)
+
+
+def size_ratio(model: nn.Module, full: bool = False) -> float:
+    """Measured size ratio of an exported model (target layers, or the whole model)."""
+    rep = size_report(model)
+    return rep.full_ratio if full else rep.target_ratio

@@ -1,0 +1,197 @@
+"""The SVD-parametrized linear layer of ACIP.
+
+A dense layer ``y = W x + b`` (W: out x in) is rewritten through its thin SVD
+``W = U S V^T`` with ``k = min(in, out)`` singular directions::
+
+    ortho = U / c            (out x k)       base = S V^T    (k x in)
+    y     = ortho @ (g(mask) * (base @ x)) + b
+
+``mask`` is a trainable vector in R^k initialised to the constant ``c`` (the mask scaling), and
+``g`` is a straight-through binarisation: its forward value is ``c`` where ``mask > 0`` and 0
+elsewhere, its gradient is that of ``ReLU(mask)``. At initialisation ``g(mask) = c`` everywhere,
+so the layer equals ``W`` exactly (up to the SVD's round-off). ``W`` itself is never
+materialised in the forward pass; only the active directions take part in the matmuls, so a
+layer with few active directions is cheaper than the dense one.
+
+Optional LoRA adapters add ``s * B (A x)`` (A: r x in, B: out x r, s = alpha / r).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["SVDLinear", "straight_through_mask", "dense_weight_of", "rank_cost"]
+
+
+def rank_cost(rank: int, in_features: int, out_features: int, bias: bool = False) -> int:
+    """Parameters needed to store a layer at ``rank``: ``min(r*(in+out), in*out)`` (+ out for bias).
+
+    A factorisation that would cost more than the dense matrix is stored dense instead, so the
+    cost is capped at ``in*out``. Monotone non-decreasing in ``rank``.
+    """
+    return min(rank * (in_features + out_features), in_features * out_features) + (
+        out_features if bias else 0
+    )
+
+
+def straight_through_mask(mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``g(m)``: forward ``c * 1[m > 0]``, backward ``d ReLU(m) / dm``."""
+    soft = torch.relu(mask)
+    hard = (mask > 0).to(mask.dtype) * scaling
+    return soft + (hard - soft).detach()
+
+
+def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (W as out x in, bias) of an ``nn.Linear`` or a transformers ``Conv1D``.
+
+    Raises a ``TypeError`` naming the module type for anything else.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        # transformers' GPT-2 Conv1D stores W^T (in x out) and computes x @ W + b.
+        return module.weight.detach().t(), None if module.bias is None else module.bias.detach()
+    raise TypeError(
+        f"acip can only parametrize nn.Linear (or transformers' Conv1D) layers, got "
+        f"{type(module).__name__}. Exclude it with exclude_modules=[...] or pick target_modules "
+        f"that name linear layers only."
+    )
+
+
+class SVDLinear(nn.Module):
+    """``y = ortho(g(mask) * base(x)) + b`` with a straight-through mask over singular directions.
+
+    Buffers ``ortho`` (out x k), ``base`` (k x in) and ``bias`` are frozen; ``mask`` (k,) is the
+    only trainable tensor unless LoRA is enabled. ``keep`` (bool, k) is an optional reversible
+    pruning mask used by :meth:`acip.core.parametrize.ACIPModel.prune`; it is not saved.
+    """
+
+    def __init__(
+        self,
+        ortho: torch.Tensor,
+        base: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask_scaling: float = 2e-2,
+        singular_values: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not (mask_scaling > 0 and math.isfinite(mask_scaling)):
+            raise ValueError(f"mask_scaling must be a positive finite number, got {mask_scaling!r}")
+        out_f, k = ortho.shape
+        if base.shape[0] != k:
+            raise ValueError(f"ortho is {tuple(ortho.shape)} but base is {tuple(base.shape)}")
+        self.in_features = int(base.shape[1])
+        self.out_features = int(out_f)
+        self.max_rank = int(k)
+        self.mask_scaling = float(mask_scaling)
+        self.register_buffer("ortho", ortho.contiguous())
+        self.register_buffer("base", base.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.clone())
+        sv = singular_values if singular_values is not None else base.norm(dim=1)
+        self.register_buffer("singular_values", sv.detach().float().clone())
+        self.mask = nn.Parameter(torch.full((k,), self.mask_scaling, dtype=torch.float32))
+        self.keep: torch.Tensor | None = None
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.lora_scaling = 0.0
+        self.lora_dropout: nn.Module = nn.Identity()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls, module: nn.Module, mask_scaling: float = 2e-2, svd_dtype: torch.dtype = torch.float64
+    ) -> "SVDLinear":
+        """Factorise a dense layer exactly: ``ortho = U / c``, ``base = S V^T``.
+
+        The SVD runs in ``svd_dtype`` (float64 by default, so that the fp32 layer is reproduced
+        to ~1e-7 relative error) and the factors are stored in the layer's dtype.
+        """
+        weight, bias = dense_weight_of(module)
+        if not torch.isfinite(weight).all():
+            raise ValueError("the weight holds NaN or inf values; cannot take its SVD")
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        u, s, vh = torch.linalg.svd(weight.to(svd_dtype), full_matrices=False)
+        ortho = (u / mask_scaling).to(dtype)
+        base = (s[:, None] * vh).to(dtype)
+        return cls(ortho, base, bias, mask_scaling, singular_values=s.float())
+
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0) -> None:
+        """Attach LoRA factors: A ~ kaiming-uniform (r x in), B = 0 (out x r), scale alpha / r."""
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        a = torch.empty(r, self.in_features, dtype=self.base.dtype, device=self.base.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, r, dtype=self.base.dtype, device=self.base.device)
+        )
+        self.lora_scaling = float(alpha) / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------ sizes
+    def cost(self, rank: int) -> int:
+        """Stored parameters at ``rank`` (see :func:`rank_cost`), bias included."""
+        return rank_cost(rank, self.in_features, self.out_features, self.bias is not None)
+
+    def dense_cost(self) -> int:
+        """Parameters of the original dense layer, ``in*out`` (+ bias)."""
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def active(self) -> torch.Tensor:
+        """Boolean (k,) of directions that take part in the forward: ``mask > 0`` and kept."""
+        act = self.mask.detach() > 0
+        return act if self.keep is None else act & self.keep
+
+    def active_rank(self) -> int:
+        return int(self.active().sum())
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = straight_through_mask(self.mask, self.mask_scaling)
+        act = self.active()
+        n_act = int(act.sum())
+        if n_act == self.max_rank:
+            base, ortho = self.base, self.ortho
+        else:  # compute only the active ranks (pruned ones have zero value and zero gradient)
+            idx = act.nonzero().squeeze(1)
+            base, ortho, gate = self.base.index_select(0, idx), self.ortho.index_select(1, idx), gate[idx]
+        h = nn.functional.linear(x, base) * gate.to(x.dtype)
+        y = nn.functional.linear(h, ortho, self.bias)
+        if self.lora_A is not None:
+            y = y + self.lora_scaling * nn.functional.linear(
+                nn.functional.linear(self.lora_dropout(x), self.lora_A), self.lora_B
+            )
+        return y
+
+    def extra_repr(self) -> str:
+        lora = "" if self.lora_A is None else f", lora_r={self.lora_A.shape[0]}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"max_rank={self.max_rank}, mask_scaling={self.mask_scaling}{lora}"
+        )
+
+    # ------------------------------------------------------------------ export
+    def factors(self, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact rank-r factors ``(up: out x r, down: r x in)`` of the kept directions, LoRA folded.
+
+        Without LoRA: ``up = c * ortho[:, idx]`` (= U_r), ``down = base[idx]`` (= S_r V_r^T).
+        With LoRA, ``W = [U_r | s B] [base_r ; A]``; with ``left = Q1 R1``, ``right^T = Q2 R2``
+        and ``R1 R2^T = P S' Q^T``, the best rank-r approximation is
+        ``(Q1 P_r S'_r) (Q_r^T Q2^T)``, which is exactly rank r.
+        """
+        r = int(keep_idx.numel())
+        dt = self.base.dtype
+        up = self.ortho.index_select(1, keep_idx).double() * self.mask_scaling
+        down = self.base.index_select(0, keep_idx).double()
+        if self.lora_A is None or r == 0:
+            return up.to(dt), down.to(dt)
+        left = torch.cat([up, self.lora_scaling * self.lora_B.detach().double()], dim=1)
+        right = torch.cat([down, self.lora_A.detach().double()], dim=0)
+        q1, r1 = torch.linalg.qr(left)
+        q2, r2 = torch.linalg.qr(right.t())
+        p, s, qh = torch.linalg.svd(r1 @ r2.t(), full_matrices=False)
+        up = q1 @ (p[:, :r] * s[:r])
+        down = qh[:r] @ q2.t()
+        return up.to(dt), down.to(dt)
