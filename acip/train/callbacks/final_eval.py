@@ -1,0 +1,170 @@
+"""Final evaluation: held-out perplexity at the test ratios, ACIP vs the singular-value baseline.
+
+For each test ratio rho: ``acip.export(score_map, rho)`` from the score map in memory (bound to
+the trained model, LoRA folded in), and the same for ``ScoreMap.from_singular_values`` on the
+*untrained* weights (the LoRA factors are zeroed for the baseline, which makes the folded
+factors exactly ``U_r, S_r V_r^T``). Perplexity is measured on the same held-out windows; the
+ratio reported is the measured one of the exported model. Writes ``results.json`` and
+``plots/*.png`` (rank 0), logs images, a table and ``final/ppl_<method>_r<100*rho>`` scalars.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+
+from .. import plots
+
+__all__ = ["FinalEvaluation", "evaluate_score_maps", "format_table", "metric_key"]
+
+
+def metric_key(method: str, ratio: float) -> str:
+    """``final/ppl_acip_r50`` for ratio 0.5 (no dots: W&B sweeps read it as a flat key)."""
+    return f"final/ppl_{method}_r{int(round(100 * ratio))}"
+
+
+@contextlib.contextmanager
+def lora_disabled(pm: Any) -> Iterator[None]:
+    """Temporarily zero every ``lora_B`` (the LoRA branch then adds exactly 0)."""
+    saved = [(l, l.lora_B.detach().clone()) for l in pm.svd_layers().values() if l.lora_B is not None]
+    try:
+        with torch.no_grad():
+            for l, _ in saved:
+                l.lora_B.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for l, b in saved:
+                l.lora_B.copy_(b)
+
+
+def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratios: Sequence[float],
+                        pm: Any, log: Any = print) -> dict[str, Any]:
+    """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting each map at each ratio."""
+    import acip
+    from acip.eval.perplexity import perplexity
+
+    ppl: dict[str, dict[float, float]] = {}
+    measured: dict[str, dict[float, float]] = {}
+    ranks: dict[str, dict[float, dict[str, int]]] = {}
+    for method, sm in score_maps.items():
+        ppl[method], measured[method], ranks[method] = {}, {}, {}
+        ctx = lora_disabled(pm) if method == "singular_values" else contextlib.nullcontext()
+        with ctx:
+            for rho in ratios:
+                t0 = time.perf_counter()
+                small = acip.export(sm, ratio=rho, model=pm)
+                ppl[method][rho] = perplexity(small, None, windows, progress=False)
+                measured[method][rho] = float(small.config.acip_export["measured_ratio"])
+                ranks[method][rho] = sm.ranks_for(rho, warn=False)
+                del small
+                log(f"[acip] eval {method:16s} ratio {rho:.2f} (measured {measured[method][rho]:.3f}) "
+                    f"ppl {ppl[method][rho]:.2f} [{time.perf_counter() - t0:.0f}s]")
+    return {"ppl": ppl, "measured_ratio": measured, "ranks": ranks}
+
+
+def format_table(ratios: Sequence[float], ppl: dict[str, dict[float, float]]) -> str:
+    """A markdown table ``ratio | <method> ppl | ...`` (pasteable into docs)."""
+    methods = list(ppl)
+    lines = ["| ratio | " + " | ".join(f"{m} ppl" for m in methods) + " |",
+             "|---:|" + "---:|" * len(methods)]
+    for rho in ratios:
+        cells = [f"{ppl[m][rho]:.2f}" if math.isfinite(ppl[m][rho]) else "inf" for m in methods]
+        lines.append(f"| {rho:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class FinalEvaluation(pl.Callback):
+    """Runs on rank 0 at the end of training (other ranks wait at a barrier)."""
+
+    def __init__(self, run_dir: str | Path, recorder: Any, tokenizer: Any, heldout_texts: Sequence[str],
+                 ratios: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4), seq_len: int = 256,
+                 max_windows: int | None = 40, baseline: bool = True, stopper: Any = None,
+                 extra: dict | None = None) -> None:
+        from acip.core.score_map import check_ratio
+
+        self.run_dir, self.recorder, self.tokenizer = Path(run_dir), recorder, tokenizer
+        self.heldout_texts = list(heldout_texts)
+        self.ratios = sorted((check_ratio(r) for r in ratios), reverse=True)
+        self.seq_len, self.max_windows, self.baseline = int(seq_len), max_windows, bool(baseline)
+        self.stopper, self.extra = stopper, dict(extra or {})
+        self.results: dict[str, Any] | None = None
+        self.t_start = time.time()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.t_start = time.time()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            self.results = self.run(trainer, pl_module)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("acip_final_eval")
+
+    @torch.no_grad()
+    def run(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
+        from acip import ScoreMap
+        from acip.core.score_map import atomic_write
+        from acip.eval.perplexity import token_windows
+
+        train_time = time.time() - self.t_start
+        pm = pl_module.pm
+        pm.eval()
+        windows = token_windows(self.tokenizer, self.heldout_texts, self.seq_len, self.max_windows)
+        maps = {"acip": self.recorder.ensure(pl_module)}
+        if self.baseline:
+            maps["singular_values"] = ScoreMap.from_singular_values(pm)
+        t0 = time.time()
+        ev = evaluate_score_maps(maps, windows, self.ratios, pm)
+        st = self.stopper
+        results = {
+            "ratios": self.ratios,
+            "ppl": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["ppl"].items()},
+            "measured_ratio": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["measured_ratio"].items()},
+            "ranks": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["ranks"].items()},
+            "stop_ratio": getattr(st, "stop_ratio", None),
+            "reached_stop_ratio": getattr(st, "stop_step", None) is not None,
+            "stop_step": getattr(st, "stop_step", None),
+            "final_size_ratio": pm.size_ratio(),
+            "global_step": int(trainer.global_step),
+            "train_time_s": train_time,
+            "eval_time_s": time.time() - t0,
+            "eval": {"seq_len": self.seq_len, "windows": int(len(windows)), "tokens": int(windows.numel())},
+            "world_size": trainer.world_size,
+            "score_map_digests": list(self.recorder.rank_digests),
+            **self.extra,
+        }
+        atomic_write(self.run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        pdir = self.run_dir / "plots"
+        sm = maps["acip"]
+        names = list(sm.scores)
+        pngs = {
+            "ratio_vs_ppl": plots.plot_ratio_vs_ppl(ev["ppl"], pdir / "ratio_vs_ppl.png"),
+            "score_heatmap": plots.plot_score_heatmap(sm.scores, pdir / "score_heatmap.png"),
+            "kept_ranks": plots.plot_kept_ranks(ev["ranks"]["acip"], {n: sm.scores[n].numel() for n in names},
+                                                pdir / "kept_ranks.png"),
+        }
+        table = format_table(self.ratios, ev["ppl"])
+        print("\n[acip] held-out perplexity by size ratio (target layers)\n" + table, flush=True)
+        self.log_results(trainer, ev, pngs)
+        return results
+
+    def log_results(self, trainer: pl.Trainer, ev: dict[str, Any], pngs: dict[str, Path]) -> None:
+        """Scalars to every logger; images and a table to W&B."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        scalars = {metric_key(m, r): v for m, d in ev["ppl"].items() for r, v in d.items()}
+        rows = [[r] + [ev["ppl"][m][r] for m in ev["ppl"]] + [ev["measured_ratio"][m][r] for m in ev["ppl"]]
+                for r in self.ratios]
+        cols = ["ratio"] + [f"ppl_{m}" for m in ev["ppl"]] + [f"measured_ratio_{m}" for m in ev["ppl"]]
+        for lg in trainer.loggers:
+            lg.log_metrics(scalars, step=trainer.global_step)
+            if isinstance(lg, WandbLogger):
+                for key, path in pngs.items():
+                    lg.log_image(key=f"plots/{key}", images=[str(path)], step=trainer.global_step)
+                lg.log_table(key="final/results", columns=cols, data=rows, step=trainer.global_step)
