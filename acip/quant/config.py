@@ -1,0 +1,151 @@
+"""``EntropyQuantConfig``: one validated dataclass per quantization method (peft/torchao style)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["EntropyQuantConfig", "FORMATS", "FALLBACKS", "BACKENDS"]
+
+FORMATS = ("e4m3", "int8")
+FALLBACKS = ("absmax8", "raise", "keep")
+BACKENDS = ("auto", "torch", "constriction")
+
+
+def _number(name: str, value: Any, *, lo: float, lo_open: bool = False, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:  # strings from a command line ("14.5") are fine
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"EntropyQuantConfig.{name} must be a number, got {value!r}; {hint}") from None
+    value = float(value)
+    bad = not math.isfinite(value) or value < lo or (lo_open and value == lo)
+    if bad:
+        rel = ">" if lo_open else ">="
+        raise ValueError(f"EntropyQuantConfig.{name} must be finite and {rel} {lo:g}, got {value!r}; {hint}")
+    return value
+
+
+def _integer(name: str, value: Any, *, lo: int, hint: str) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(f"EntropyQuantConfig.{name} must be an integer, got {value!r}; {hint}")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"EntropyQuantConfig.{name} must be an integer, got {value!r}; {hint}") from None
+    if out < lo:
+        raise ValueError(f"EntropyQuantConfig.{name} must be >= {lo}, got {value!r}; {hint}")
+    return out
+
+
+def _choice(name: str, value: Any, choices: Sequence[str], hint: str) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ValueError(f"EntropyQuantConfig.{name}={value!r} is not supported; expected one of {list(choices)}. {hint}")
+    return value.lower()
+
+
+def _names(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise TypeError(f"EntropyQuantConfig.{name} must be a list of module names, got {value!r}") from None
+    if not all(isinstance(v, str) and v for v in out):
+        raise TypeError(f"EntropyQuantConfig.{name} must hold non-empty strings, got {value!r}")
+    return out
+
+
+@dataclass
+class EntropyQuantConfig:
+    """Entropy-coded 8-bit quantization (EntQuant style) of every target ``nn.Linear``.
+
+    For each weight ``W`` (out x in) and each row ``i`` a power-of-two scale ``2**t_i`` (integer
+    ``t_i``) is chosen to minimise
+
+        L(t) = ||W - 2**t * q||_1 / ||W||_1 + lam * mean(|q|) / u_fmt,
+        q = cast_fmt(clamp(W / 2**t, -q_max, q_max)),
+
+    where ``cast_fmt`` rounds to float8 e4m3 (``q_max = 448``) or int8 (``q_max = 127``). The
+    codes ``q`` are then entropy coded losslessly. ``lam`` sets the bit rate continuously: on
+    LLM-like weights lam = 3.9 / 14.5 / 58 give roughly 4 / 3 / 2.3 bits per parameter.
+
+    Fields:
+        lam: rate weight (>= 0). 0 keeps full 8-bit precision (about 6.5 bits after coding).
+        fmt: "e4m3" (float8, default) or "int8".
+        lr: LBFGS learning rate (> 0); halved on every NaN retry.
+        max_iter: maximum LBFGS iterations per weight (>= 1).
+        chunk_bytes: maximum symbols per independently decodable chunk/stream (>= 1024).
+        fallback: what to do with layers the quantizer cannot handle (NaN after all retries,
+            a dynamic range beyond the format's, or error above ``max_rel_error``):
+            "absmax8" (per-row 8-bit absmax, coded the same way), "keep" (leave dense), "raise".
+        tol: early stopping; stop when the best loss improved by less than ``tol`` (relative)
+            over the last ``patience`` checks (one check every ``check_every`` iterations).
+        max_retries: NaN retries with half the learning rate before falling back.
+        max_rel_error: relative L1 error above which a layer falls back (0 < x <= 1).
+        target_modules: module names (or name suffixes) to quantize; None = every nn.Linear
+            except the output embedding (``model.get_output_embeddings()``).
+        exclude_modules: names or suffixes never quantized.
+        backend: ANS codec: "auto" (our torch rANS if available, else constriction),
+            "torch" or "constriction".
+    """
+
+    lam: float = 14.5
+    fmt: str = "e4m3"
+    lr: float = 1.0
+    max_iter: int = 500
+    chunk_bytes: int = 262144
+    fallback: str = "absmax8"
+    tol: float = 1e-3
+    patience: int = 2
+    check_every: int = 5
+    max_retries: int = 3
+    max_rel_error: float = 0.75
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] | None = field(default=None)
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.lam = _number("lam", self.lam, lo=0.0, hint="use lam >= 0 (larger lam, fewer bits; e.g. 3.9, 14.5 or 58)")
+        self.fmt = _choice("fmt", self.fmt, FORMATS, "Use fmt='e4m3' (float8) or fmt='int8'.")
+        self.lr = _number("lr", self.lr, lo=0.0, lo_open=True, hint="use a positive learning rate such as 1.0 or 0.25")
+        self.max_iter = _integer("max_iter", self.max_iter, lo=1, hint="use e.g. max_iter=500")
+        self.chunk_bytes = _integer("chunk_bytes", self.chunk_bytes, lo=1024, hint="use e.g. chunk_bytes=262144")
+        self.fallback = _choice("fallback", self.fallback, FALLBACKS, "absmax8 is the safe default.")
+        self.tol = _number("tol", self.tol, lo=0.0, hint="use e.g. tol=1e-3 (0 disables early stopping)")
+        self.patience = _integer("patience", self.patience, lo=1, hint="use e.g. patience=2")
+        self.check_every = _integer("check_every", self.check_every, lo=1, hint="use e.g. check_every=5")
+        self.max_retries = _integer("max_retries", self.max_retries, lo=0, hint="use e.g. max_retries=3")
+        self.max_rel_error = _number("max_rel_error", self.max_rel_error, lo=0.0, lo_open=True, hint="use e.g. 0.75")
+        if self.max_rel_error > 1.0:
+            raise ValueError(f"EntropyQuantConfig.max_rel_error must be <= 1 (a relative L1 error), got {self.max_rel_error!r}")
+        self.target_modules = _names("target_modules", self.target_modules)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules)
+        self.backend = _choice("backend", self.backend, BACKENDS, "Use 'auto' unless you are comparing codecs.")
+
+    @classmethod
+    def from_any(cls, spec: Any) -> "EntropyQuantConfig":
+        """Build from a config, a plain dict (``EntropyQuantConfig(**d)``) or ``"entropy"``."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str) and spec.lower() in ("entropy", "entquant"):
+            return cls()
+        if hasattr(spec, "items"):
+            d = {str(k): v for k, v in spec.items()}
+            d.pop("_target_", None)
+            d.pop("name", None)
+            known = set(cls.__dataclass_fields__)
+            extra = sorted(set(d) - known)
+            if extra:
+                raise TypeError(f"EntropyQuantConfig got unknown fields {extra}; known fields: {sorted(known)}")
+            return cls(**d)
+        raise TypeError(f"cannot build an EntropyQuantConfig from {spec!r}; pass EntropyQuantConfig(...), a dict or 'entropy'")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("target_modules", "exclude_modules"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d

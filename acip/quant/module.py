@@ -1,0 +1,193 @@
+"""``EntQuantLinear``: a linear layer whose weight is stored as entropy-coded 8-bit codes.
+
+Persistent buffers (written by ``save_pretrained`` into safetensors, read by ``from_pretrained``):
+``codes_stream`` (uint8 payload), ``codes_table`` (uint8 packed frequencies) and ``scales``
+(int8 exponents ``t`` for ``method="entquant"``: ``W = value[code] * 2**t``; fp32 absmax scales
+for ``method="absmax8"``), plus the fp32 ``bias``. Shapes, codec meta and the sha256 live in the
+model config's ``acip_layout`` entry, so a corrupted or truncated file fails its checksum.
+
+Decode modes: ``"eager"`` decodes once (on first use) and keeps the fp32 weight; ``"lazy"`` keeps
+only the streams and decodes just before each forward through a small per-model LRU cache.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codec import EncodedTensor, decode_many
+from .optimize import QuantResult, dequantize
+
+__all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending"]
+
+KIND = "entquant"
+_PENDING: "weakref.WeakSet[EntQuantLinear]" = weakref.WeakSet()  # loaded, eager, not decoded yet
+
+
+def decode_pending() -> int:
+    """Decode every loaded eager-mode layer that has no weight yet, in one batched codec call
+    (the rANS decoder runs all their streams in lockstep). Returns how many were decoded."""
+    return decode_into([m for m in list(_PENDING) if m.mode == "eager" and m._weight is None
+                        and m.codes_stream.device.type != "meta"])
+
+
+def decode_into(layers: "list[EntQuantLinear]") -> int:
+    """Decode ``layers`` in one batched codec call and keep their fp32 weights."""
+    if not layers:
+        return 0
+    codes = decode_many([m.encoded() for m in layers])
+    for m, c in zip(layers, codes):
+        m._weight = m.dequantize_codes(c)
+        _PENDING.discard(m)
+    return len(layers)
+
+
+class LRUWeightCache:
+    """Keeps the decoded weights of the ``size`` most recently used layers."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = int(size)
+        self._items: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.decodes = 0
+
+    def get(self, layer: "EntQuantLinear") -> torch.Tensor:
+        key = id(layer)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        w = layer.decode()
+        self.decodes += 1
+        if self.size > 0:
+            self._items[key] = w
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return w
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class EntQuantLinear(nn.Module):
+    """``y = x What^T + b`` with ``What`` decoded from ``codes_stream`` (see module docstring)."""
+
+    def __init__(self, entry: dict[str, Any], device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(entry["in_features"]), int(entry["out_features"])
+        self.method, self.fmt = str(entry["method"]), str(entry["fmt"])
+        self.name = str(entry.get("name", "weight"))
+        self.entry = dict(entry)
+        scale_dtype = torch.int8 if self.method == "entquant" else torch.float32
+        self.register_buffer("codes_stream", torch.empty(int(entry["stream_bytes"]), dtype=torch.uint8, device=device))
+        self.register_buffer("codes_table", torch.empty(int(entry["table_bytes"]), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(self.out_features, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device)) if entry["bias"] else None
+        self.mode = "eager"
+        self.cache: LRUWeightCache | None = None
+        self._weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_result(cls, res: QuantResult, enc: EncodedTensor, bias: torch.Tensor | None, name: str) -> "EntQuantLinear":
+        entry = layout_entry(res, enc, bias is not None, name)
+        m = cls(entry)
+        m.codes_stream = enc.stream.clone()
+        m.codes_table = enc.table.clone()
+        m.scales = res.scales.clone()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=bias.requires_grad)
+        return m
+
+    def encoded(self) -> EncodedTensor:
+        e = self.entry
+        return EncodedTensor(self.codes_stream.cpu(), self.codes_table.cpu(), e["codec"],
+                             (self.out_features, self.in_features), e["sha256"], self.name)
+
+    def decode(self) -> torch.Tensor:
+        """Decode and dequantize the weight to fp32 (verifies the checksum)."""
+        return self.dequantize_codes(decode_many([self.encoded()])[0])
+
+    def dequantize_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return dequantize(codes.to(self.scales.device), self.scales, self.method, self.fmt)
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes this layer stores for its weight: payload, tables (+ sha256), scales."""
+        return {
+            "stream": int(self.codes_stream.numel()),
+            "tables": int(self.codes_table.numel()) + 32,
+            "scales": int(self.scales.numel() * self.scales.element_size()),
+        }
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight (decoded on demand in lazy mode)."""
+        if self.mode == "eager":
+            if self._weight is None:
+                decode_pending()  # this layer and its freshly loaded siblings, in one batch
+            if self._weight is None:
+                self._weight = self.decode()
+            return self._weight
+        return self.cache.get(self) if self.cache is not None else self.decode()
+
+    def set_mode(self, mode: str, cache: LRUWeightCache | None = None) -> None:
+        self.mode, self.cache = mode, cache
+        if mode == "lazy":
+            self._weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        b = self.bias
+        if w.dtype != x.dtype or w.device != x.device:
+            w = w.to(device=x.device, dtype=x.dtype)
+            b = None if b is None else b.to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, b)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "EntQuantLinear":  # keep the cache on the right device
+        super()._apply(fn, recurse)
+        if self._weight is not None:
+            self._weight = fn(self._weight) if self._weight.is_floating_point() else self._weight
+        return self
+
+    def extra_repr(self) -> str:
+        bits = 8.0 * sum(self.stored_bytes().values()) / max(1, self.in_features * self.out_features)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
+                f"fmt={self.fmt}, bits={bits:.2f}, mode={self.mode}")
+
+
+def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) -> dict[str, Any]:
+    """The ``acip_layout`` entry: everything needed to build the empty module and check it."""
+    out, inn = enc.shape
+    return {
+        "kind": KIND,
+        "name": name,
+        "method": res.method,
+        "fmt": res.fmt,
+        "in_features": int(inn),
+        "out_features": int(out),
+        "bias": bool(bias),
+        "stream_bytes": int(enc.stream.numel()),
+        "table_bytes": int(enc.table.numel()),
+        "codec": enc.meta,
+        "sha256": enc.sha256,
+        "stats": {
+            "entropy": round(res.entropy, 6),
+            "unique": res.unique,
+            "rel_error": round(res.rel_error, 6),
+            "iterations": res.iterations,
+            "retries": res.retries,
+            "reason": res.reason,
+        },
+    }
+
+
+def build_from_entry(entry: dict[str, Any], old: nn.Module) -> nn.Module:
+    """Layout hook builder: an empty ``EntQuantLinear`` with the buffer shapes of ``entry``."""
+    dev = None
+    for t in list(old.parameters(recurse=False)) + list(old.buffers(recurse=False)):
+        dev = t.device
+        break
+    m = EntQuantLinear(entry, device=dev)
+    _PENDING.add(m)
+    return m
