@@ -40,7 +40,7 @@ def straight_through_mask(mask: torch.Tensor, scaling: float) -> torch.Tensor:
     """``g(m)``: forward ``c * 1[m > 0]``, backward ``d ReLU(m) / dm``."""
     soft = torch.relu(mask)
     hard = (mask > 0).to(mask.dtype) * scaling
-    return soft + (hard - soft).detach()
+    return hard + (soft - soft.detach())  # forward value exactly `hard`
 
 
 def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,115 @@
+"""parametrize(): the matrix of model families, behaviour of the wrapper, bad input."""
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import acip
+from acip.core import NoTargetLayersError, SVDLinear
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "phi3", "opt", "bert", "gpt2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_unchanged_and_targets(family, tokens):
+    model = tiny_model(family)
+    ref = model(input_ids=tokens).logits
+    pm = acip.parametrize(model)
+    out = pm(input_ids=tokens).logits
+    assert ((out - ref).norm() / ref.norm()) <= 1e-5
+    layers = pm.svd_layers()
+    assert len(layers) > 0 and all(isinstance(l, SVDLinear) for l in layers.values())
+    out_emb = model.get_output_embeddings()
+    assert not isinstance(out_emb, SVDLinear)
+    assert all("embed" not in n and "wte" not in n for n in layers)
+    # only the masks train
+    assert {id(p) for p in pm.trainable_parameters()} == {id(m) for m in pm.masks().values()}
+    assert pm.size_ratio() == pytest.approx(1.0)
+
+
+def test_wrapper_behaves_like_model(tiny_llama, tokens):
+    ref_loss = tiny_llama(input_ids=tokens, labels=tokens).loss
+    ref_gen = tiny_llama.generate(tokens[:1, :4], max_new_tokens=5, do_sample=False)
+    pm = acip.parametrize(tiny_llama)
+    assert torch.allclose(pm(input_ids=tokens, labels=tokens).loss, ref_loss, atol=1e-5)
+    assert torch.equal(pm.generate(tokens[:1, :4], max_new_tokens=5, do_sample=False), ref_gen)
+    assert pm.config is tiny_llama.config
+
+
+def test_frozen_except_masks_and_lora(tiny_llama, tokens):
+    pm = acip.parametrize(tiny_llama, lora={"r": 4, "lora_alpha": 8})
+    n_layers = len(pm.svd_layers())
+    assert len(pm.mask_parameters()) == n_layers and len(pm.lora_parameters()) == 2 * n_layers
+    trainable = {id(p) for p in pm.trainable_parameters()}
+    assert trainable == {id(p) for p in pm.mask_parameters() + pm.lora_parameters()}
+    frozen = {n: p.clone() for n, p in pm.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(pm.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        pm(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in pm.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_size_ratio_follows_masks(tiny_llama):
+    pm = acip.parametrize(tiny_llama)
+    layers = pm.svd_layers()
+    with torch.no_grad():
+        for l in layers.values():
+            l.mask[l.max_rank // 4:] = -1
+    expect = sum(l.cost(l.max_rank // 4) for l in layers.values()) / sum(l.dense_cost() for l in layers.values())
+    assert pm.size_ratio() == pytest.approx(expect)
+    assert expect < pm.size_ratio(full=True) < 1.0
+
+
+def test_target_and_exclude(tiny_llama):
+    pm = acip.parametrize(copy.deepcopy(tiny_llama), target_modules=["q_proj", "v_proj"])
+    assert sorted({n.rsplit(".", 1)[1] for n in pm.svd_layers()}) == ["q_proj", "v_proj"]
+    pm = acip.parametrize(copy.deepcopy(tiny_llama), exclude_modules=r".*layers\.0\..*")
+    assert all(".layers.1." in n for n in pm.svd_layers())
+
+
+def test_no_target_layers_error(tiny_llama):
+    with pytest.raises(NoTargetLayersError, match="q_prj"):
+        acip.parametrize(tiny_llama, target_modules=["q_prj"])
+
+
+def test_bad_input(tiny_llama):
+    with pytest.raises(ValueError, match="mask_scaling"):
+        acip.parametrize(tiny_llama, mask_scaling=-1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        acip.parametrize("llama")
+    with pytest.raises(TypeError, match="not nn.Linear"):
+        acip.parametrize(tiny_llama, target_modules=["embed_tokens"])
+    pm = acip.parametrize(tiny_llama)
+    with pytest.raises(TypeError, match="already parametrized"):
+        acip.parametrize(pm)
+
+
+def test_prune_unprune_is_reversible(tiny_llama, tokens):
+    ref = tiny_llama(input_ids=tokens).logits
+    pm = acip.parametrize(tiny_llama)
+    masks = {n: m.clone() for n, m in pm.masks().items()}
+    ranks = pm.prune(0.5)
+    assert pm.size_ratio() <= 0.5
+    assert pm.active_ranks() == ranks
+    assert not torch.allclose(pm(input_ids=tokens).logits, ref, atol=1e-3)
+    pm.unprune()
+    assert torch.allclose(pm(input_ids=tokens).logits, ref, atol=1e-5)
+    assert all(torch.equal(m, masks[n]) for n, m in pm.masks().items())
+
+
+def test_adapters_roundtrip(tiny_llama, tmp_path, tokens):
+    base = copy.deepcopy(tiny_llama)
+    pm = acip.parametrize(tiny_llama, lora={"r": 2, "lora_alpha": 4})
+    with torch.no_grad():
+        for l in pm.svd_layers().values():
+            l.mask.uniform_(-0.02, 0.02)
+            l.lora_B.normal_()
+    pm.save_adapters(tmp_path / "ad")
+    pm2 = acip.parametrize(base, lora={"r": 2, "lora_alpha": 4})
+    pm2.load_adapters(tmp_path / "ad")
+    assert torch.allclose(pm(input_ids=tokens).logits, pm2(input_ids=tokens).logits, atol=1e-6)
