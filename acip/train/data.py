@@ -36,12 +36,15 @@ def _split(texts: list[str], heldout_fraction: float) -> tuple[list[str], list[s
     return texts[:cut], texts[cut:] or texts[-1:]
 
 
-def kjv_texts() -> tuple[list[str], list[str]]:
-    """King James Bible verses, first 90% for training, last 10% held out (``acip.data.kjv_split``)."""
+def kjv_texts(max_train_texts: int | None = None, max_heldout_texts: int | None = None) -> tuple[list[str], list[str]]:
+    """King James Bible verses, first 90% for training, last 10% held out (``acip.data.kjv_split``).
+
+    ``max_*_texts`` keep only the first verses of each part (quick runs).
+    """
     from acip.data import kjv_split
 
     train, heldout = kjv_split()
-    return list(train), list(heldout)
+    return list(train)[:max_train_texts], list(heldout)[:max_heldout_texts]
 
 
 def text_files(paths: Sequence[str], heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:

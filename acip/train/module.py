@@ -65,11 +65,12 @@ class ACIPModule(pl.LightningModule):
     def check_finite(self, loss: torch.Tensor) -> None:
         """Raise on every rank at once when any rank's loss is NaN/inf (no DDP hang)."""
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        trainer = self._trainer  # None when the module is used outside a Trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
         if float(bad) > 0:
             raise NonFiniteLossError(
-                f"the training loss is {float(loss.detach())} at step {self.global_step} (phase "
+                f"the training loss is {float(loss.detach())} at step {self._trainer.global_step if self._trainer else 0} (phase "
                 f"{self.phase}, l1_weight={self.l1_weight:.3g}). The score map of the last good step "
                 f"is kept on disk. Lower acip.lr / acip.lora_lr or acip.l1_init, or train in fp32."
             )
@@ -88,8 +89,8 @@ class ACIPModule(pl.LightningModule):
         ``start_step`` is the global step count at the switch (post-tune steps = step - start).
         """
         self.phase, self.post_tune_start = "post_tune", int(start_step)
-        if self.trainer is not None:
-            for opt in self.trainer.optimizers:
+        if self._trainer is not None:
+            for opt in self._trainer.optimizers:
                 for g in opt.param_groups:
                     if g.get("name") == "masks":
                         g["lr"] = 0.0

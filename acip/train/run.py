@@ -57,18 +57,21 @@ def _logger(cfg: DictConfig, run_dir: Path) -> Any:
         if idf.is_file():
             kw.update(id=idf.read_text().strip(), resume="allow")
         else:
-            import wandb.util
+            import uuid
 
-            rid = wandb.util.generate_id()
+            rid = uuid.uuid4().hex[:12]
             idf.write_text(rid)
             kw["id"] = rid
-        kw["config"] = OmegaConf.to_container(cfg, resolve=True)
+        logger = instantiate(lc, **kw)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # rank 0 only
+        return logger
     return instantiate(lc, **kw)
 
 
 def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Model, data, module, callbacks and trainer for ``cfg`` (validated up front)."""
     import lightning.pytorch as pl
+    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -81,6 +84,8 @@ def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     a = cfg.acip
     stop_ratio = check_stop_ratio(a.stop_ratio)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     train_texts, heldout_texts = instantiate(cfg.data)
     model, tok = instantiate(cfg.model, workdir=str(run_dir))
@@ -93,7 +98,8 @@ def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     lora = OmegaConf.to_container(a.lora, resolve=True) if a.get("lora") else None
     pm = acip.parametrize(model, target_modules=OmegaConf.to_container(a.target_modules) if OmegaConf.is_config(a.target_modules) else a.target_modules,
                           exclude_modules=OmegaConf.to_container(a.exclude_modules) if OmegaConf.is_config(a.exclude_modules) else a.exclude_modules,
-                          mask_scaling=float(a.mask_scaling), lora=lora)
+                          mask_scaling=float(a.mask_scaling), lora=lora,
+                          svd_dtype=getattr(torch, str(a.get("svd_dtype", "float64"))))
     module = ACIPModule(pm, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, l1_weight=a.l1_init)
     recorder = ScoreMapRecorder(run_dir, stop_ratio=stop_ratio, meta={"run_dir": str(run_dir)})
     stopper = StopAtRatio(stop_ratio, a.post_tune_steps)

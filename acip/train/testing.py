@@ -1,0 +1,51 @@
+"""Helpers for tests and smoke checks: run the CLI on the tiny model in a subprocess.
+
+``tiny_run()`` makes one finished tiny run per process (cached) that several tests share.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["TINY_ARGS", "compress_cmd", "run_compress", "tiny_run", "child_env"]
+
+# the tiny experiment on a small slice of KJV: a whole run in seconds
+TINY_ARGS = ("experiment=tiny", "data.max_train_texts=1500", "data.max_heldout_texts=200")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child run: offline hub, W&B disabled unless given, quiet, 1 thread."""
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.pop("RANK", None), env.pop("LOCAL_RANK", None), env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def compress_cmd(run_dir: str | Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "acip.compress", *TINY_ARGS, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def run_compress(run_dir: str | Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300,
+                 check: bool = True, cmd: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI to completion; on failure raise with the tail of its output."""
+    proc = subprocess.run(list(cmd or compress_cmd(run_dir, *overrides)), env=env or child_env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"acip.compress failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_run(logger: str = "wandb") -> Path:
+    """One finished tiny run (W&B offline by default), shared by the tests of one process."""
+    run_dir = Path(tempfile.mkdtemp(prefix="acip-tiny-")) / "run"
+    mode = "offline" if logger == "wandb" else "disabled"
+    run_compress(run_dir, f"logger={logger}", env=child_env(WANDB_MODE=mode))
+    return run_dir
