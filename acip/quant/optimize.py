@@ -24,7 +24,9 @@ error above ``max_rel_error`` falls back to 8-bit absmax (per-row fp32 scale ``a
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -143,6 +145,18 @@ def _lbfgs(W: torch.Tensor, t0: torch.Tensor, fmt: Format, cfg: EntropyQuantConf
     return best_t, best, iters
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The per-iteration work is a few elementwise passes: intra-op threads only add sync cost
+    (7-10x slower with 2 threads on a busy 2-core machine), so optimise single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weight") -> QuantResult | None:
     """Quantize one weight matrix; ``None`` means "keep dense" (``fallback='keep'``).
 
@@ -168,7 +182,8 @@ def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weigh
     t0 = torch.ceil(torch.log2(absmax / fmt.q_max)).clamp(T_MIN, T_MAX)
     lr, retries, total = cfg.lr, 0, 0
     while True:
-        t, _, iters = _lbfgs(W, t0, fmt, cfg, lr)
+        with _one_thread():
+            t, _, iters = _lbfgs(W, t0, fmt, cfg, lr)
         total += iters
         if t is not None:
             break

@@ -1,0 +1,179 @@
+"""Whole-model behaviour: quantize_, report, save/load, decode modes, corrupted files, NF4, export."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import acip  # noqa: E402
+from acip import quant  # noqa: E402
+from acip.quant import ChecksumError, EntQuantLinear, EntropyQuantConfig  # noqa: E402
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = _tiny()
+    ref = _logits(base)
+    model = quant.quantize_(copy.deepcopy(base), EntropyQuantConfig(lam=3.9))
+    out = _logits(model)
+    d = tmp_path_factory.mktemp("q") / "tiny"
+    model.save_pretrained(d)
+    return {"base": base, "ref": ref, "model": model, "out": out, "dir": d}
+
+
+def test_quantize_targets_every_linear_but_the_head(saved: dict) -> None:
+    model = saved["model"]
+    q = quant.quantized_layers(model)
+    assert len(q) == 14 and isinstance(model.lm_head, nn.Linear)
+    assert set(model.config.acip_layout) == set(q)
+    assert all(e["kind"] == "entquant" for e in model.config.acip_layout.values())
+
+
+def test_quantized_outputs_stay_close(saved: dict) -> None:
+    assert _rel(saved["out"], saved["ref"]) < 0.12
+
+
+def test_report_bits_count_every_byte_and_track_entropy(saved: dict) -> None:
+    rep = quant.report(saved["model"])
+    t = rep.total
+    assert len(rep.rows) == 14 and t["params"] == sum(r.params for r in rep.rows)
+    for r in rep.rows:
+        assert r.bits == pytest.approx(8 * (r.stream_bytes + r.table_bytes + r.scale_bytes) / r.params)
+        side = 8 * (r.table_bytes + r.scale_bytes) / r.params
+        assert r.bits <= 1.01 * (r.entropy + side) + 64 / r.params  # + ANS flush of a few bytes
+    assert t["bits"] <= 1.01 * (t["entropy"] + 8 * (t["table_bytes"] + t["scale_bytes"]) / t["params"])
+    text = str(rep)
+    assert "model.layers.1.mlp.down_proj" in text and "total" in text
+
+
+def _safetensors_data_bytes(path: Path) -> tuple[int, dict]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8: 8 + n])
+    return len(raw) - 8 - n, header
+
+
+def test_file_size_follows_reported_bytes(saved: dict) -> None:
+    data, _ = _safetensors_data_bytes(saved["dir"] / "model.safetensors")
+    assert data == quant.report(saved["model"]).total["model_bytes"]
+
+
+def test_save_load_logits_match_exactly(saved: dict) -> None:
+    again = acip.load(saved["dir"])
+    assert isinstance(again.model.layers[0].mlp.up_proj, EntQuantLinear)
+    assert torch.equal(_logits(again), saved["out"])
+    assert quant.report(again).total == quant.report(saved["model"]).total
+
+
+def test_lazy_mode_keeps_streams_coded_and_matches(saved: dict) -> None:
+    again = acip.load(saved["dir"])
+    quant.set_decode_mode(again, "lazy", cache_layers=2)
+    layers = quant.quantized_layers(again).values()
+    assert all(m._weight is None for m in layers)
+    assert torch.equal(_logits(again), saved["out"])
+    cache = next(iter(layers)).cache
+    assert len(cache) == 2 and cache.decodes == 14
+    quant.set_decode_mode(again, "eager")
+    assert all(m._weight is not None for m in layers)
+    with pytest.raises(ValueError, match="'eager' or 'lazy'"):
+        quant.set_decode_mode(again, "sometimes")
+
+
+def test_corrupted_file_raises_checksum_error_naming_layer(saved: dict, tmp_path: Path) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    for f in saved["dir"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    path = d / "model.safetensors"
+    _, header = _safetensors_data_bytes(path)
+    name = "model.layers.1.self_attn.v_proj.codes_stream"
+    lo, hi = header[name]["data_offsets"]
+    raw = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[start + (lo + hi) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    broken = acip.load(d)
+    with pytest.raises(ChecksumError, match="model.layers.1.self_attn.v_proj"):
+        _logits(broken)
+
+
+def test_missing_weights_file_is_a_clear_error(saved: dict, tmp_path: Path) -> None:
+    d = tmp_path / "nofile"
+    d.mkdir()
+    (d / "config.json").write_bytes((saved["dir"] / "config.json").read_bytes())
+    with pytest.raises(OSError, match="model.safetensors|no file named"):
+        acip.load(d)
+
+
+def test_quantizes_each_factor_of_lowrank_layers(tmp_path: Path) -> None:
+    base = _tiny(seed=2)
+    ref = _logits(base)
+    pm = acip.parametrize(base)
+    small = acip.export(acip.ScoreMap.from_singular_values(pm), ratio=0.9, quantize=EntropyQuantConfig(lam=3.9))
+    names = set(quant.quantized_layers(small))
+    assert any(n.endswith(".down") for n in names) and any(n.endswith(".up") for n in names)
+    out = _logits(small)
+    assert _rel(out, ref) < 0.35
+    small.save_pretrained(tmp_path / "lr")
+    assert torch.equal(_logits(acip.load(tmp_path / "lr")), out)
+
+
+def test_outlier_layer_is_listed_as_fallback() -> None:
+    model = _tiny(seed=3)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[5, 7] = 1e4
+    quant.quantize_(model, {"lam": 14.5, "target_modules": ["mlp.up_proj", "mlp.down_proj"]})
+    rep = quant.report(model)
+    assert rep.fallbacks == ["model.layers.0.mlp.up_proj"]
+    assert "fallback to absmax8" in str(rep) and "dynamic range" in str(rep)
+    assert len(rep.rows) == 4
+
+
+def test_apply_accepts_strings_and_dicts() -> None:
+    m = quant.apply(_tiny(), {"lam": 14.5, "target_modules": ["q_proj"]})
+    assert len(quant.quantized_layers(m)) == 2
+    with pytest.raises(ValueError, match="unknown quantize spec 'fp4'"):
+        quant.apply(_tiny(), "fp4")
+
+
+def test_nf4_hand_off_or_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [bench] extra")
+    m = quant.apply(_tiny(), "nf4")
+    rep = quant.report(m)
+    assert len(rep.rows) == 14 and all(r.method == "nf4" for r in rep.rows)
+    assert all(r.stream_bytes * 2 == r.params for r in rep.rows)  # packed 4-bit codes
+    assert 4.0 < rep.total["bits"] < 6.5  # + absmax and code books (~4.14 bits on 576 x 1536)
+    assert _rel(_logits(m), _logits(_tiny())) < 0.2
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"bitsandbytes.*pip install"):
+        quant.apply(_tiny(), "nf4")
