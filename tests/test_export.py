@@ -1,0 +1,156 @@
+"""export(): measured sizes, exactness, save/load, LoRA folding, source untouched, rebuild from file."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+import acip
+from acip.core import LowRankLinear, ScoreMap, ScoreMapError
+from acip.core.svd_linear import rank_cost
+
+
+def _file_bytes(d):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_full_ratio_is_exact_and_roundtrips(family, tokens, tmp_path):
+    model = tiny_model(family)
+    ref = model(input_ids=tokens).logits
+    sm = ScoreMap.from_singular_values(acip.parametrize(model))
+    full = acip.export(sm, 1.0)
+    assert torch.allclose(full(input_ids=tokens).logits, ref, atol=1e-5)
+    full.save_pretrained(tmp_path)
+    again = acip.load(tmp_path)
+    assert (again(input_ids=tokens).logits - full(input_ids=tokens).logits).abs().max() <= 1e-5
+
+
+def test_measured_ratio_within_one_step(tiny_llama):
+    pm = acip.parametrize(tiny_llama)
+    sm = ScoreMap.from_singular_values(pm)
+    alloc = sm.allocator()
+    for ratio in [0.1, 0.33, 0.5, 0.8, 0.95]:
+        small = acip.export(sm, ratio)
+        rep = acip.size_report(small)
+        assert rep.target_ratio <= ratio
+        n = alloc.prefix_length(ratio)
+        next_cost = alloc.cost_of(n + 1)  # one more direction would not fit
+        assert next_cost > ratio * rep.target_dense_params
+        assert rep.target_params == alloc.cost_of(n)
+        assert small.config.acip_export["measured_ratio"] == pytest.approx(rep.target_ratio)
+
+
+def test_export_matches_pruned_model_and_layers_are_lowrank_or_dense(tiny_llama, tokens):
+    pm = acip.parametrize(tiny_llama)
+    sm = ScoreMap.from_singular_values(pm)
+    for ratio in [0.3, 0.9]:
+        small = acip.export(sm, ratio)
+        ranks = pm.prune(ratio, sm)
+        assert torch.allclose(small(input_ids=tokens).logits, pm(input_ids=tokens).logits, atol=1e-5)
+        pm.unprune()
+        for name, r in ranks.items():
+            mod = small.get_submodule(name)
+            l = pm.svd_layers()[name]
+            if r * (l.in_features + l.out_features) > l.in_features * l.out_features:
+                assert isinstance(mod, torch.nn.Linear)
+            else:
+                assert isinstance(mod, LowRankLinear) and mod.rank == r
+            assert sum(p.numel() for p in mod.parameters()) == rank_cost(r, l.in_features, l.out_features, l.bias is not None)
+
+
+def test_export_never_changes_source(tiny_llama, tokens):
+    pm = acip.parametrize(tiny_llama, lora={"r": 2, "lora_alpha": 4})
+    with torch.no_grad():
+        for l in pm.svd_layers().values():
+            l.lora_B.normal_(std=0.01)
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    out_before = pm(input_ids=tokens).logits
+    small = acip.export(ScoreMap.from_singular_values(pm), 0.5)
+    small.model.embed_tokens.weight.data.zero_()  # the export owns its tensors
+    after = pm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(pm(input_ids=tokens).logits, out_before)
+
+
+def test_lora_is_folded_in(tiny_llama, tokens):
+    pm = acip.parametrize(tiny_llama, lora={"r": 2, "lora_alpha": 4})
+    with torch.no_grad():
+        for l in pm.svd_layers().values():
+            l.lora_B.normal_(std=0.05)
+    sm = ScoreMap.from_singular_values(pm)
+    full = acip.export(sm, 1.0)  # rank k holds W + sBA exactly
+    assert torch.allclose(full(input_ids=tokens).logits, pm(input_ids=tokens).logits, atol=1e-4)
+    small = acip.export(sm, 0.5)
+    assert acip.size_ratio(small) <= 0.5  # adapters are inside the budget, not on top of it
+
+
+def test_save_load_and_file_size(tiny_llama, tokens, tmp_path):
+    sm = ScoreMap.from_singular_values(acip.parametrize(tiny_llama))
+    sizes = {}
+    for ratio in [0.8, 0.4]:
+        small = acip.export(sm, ratio)
+        d = tmp_path / str(ratio)
+        small.save_pretrained(d)
+        sizes[ratio] = (_file_bytes(d), sum(p.numel() for p in small.parameters()))
+        for loaded in (acip.load(d), AutoModelForCausalLM.from_pretrained(d)):
+            assert (loaded(input_ids=tokens).logits - small(input_ids=tokens).logits).abs().max() <= 1e-5
+    # the file shrinks by the removed fp32 parameters (4 bytes each), headers aside
+    removed = sizes[0.8][1] - sizes[0.4][1]
+    assert removed > 0
+    assert sizes[0.8][0] - sizes[0.4][0] == pytest.approx(4 * removed, rel=0.02)
+
+
+def test_rank_zero_layers_roundtrip(tiny_llama, tokens, tmp_path):
+    scores = ScoreMap.from_singular_values(acip.parametrize(tiny_llama))
+    first = scores.names[0]
+    scores.scores[first] -= 10.0  # this layer is dropped first: rank 0 at small ratios
+    small = acip.export(scores, 0.3)
+    assert small.get_submodule(first).rank == 0
+    small.save_pretrained(tmp_path)
+    assert torch.allclose(acip.load(tmp_path)(input_ids=tokens).logits, small(input_ids=tokens).logits, atol=1e-5)
+
+
+def test_export_from_saved_score_map_rebuilds_model(tmp_path, tokens):
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    model, _ = acip.load_base(str(base_dir))
+    pm = acip.parametrize(model, lora={"r": 2, "lora_alpha": 4})
+    with torch.no_grad():
+        for l in pm.svd_layers().values():
+            l.lora_B.normal_(std=0.05)
+            l.mask[-3:] = -1
+    sm = ScoreMap.from_masks(pm)
+    sm.meta["adapters"] = "adapters"
+    pm.save_adapters(tmp_path / "run" / "adapters")
+    sm.save(tmp_path / "run" / "score_map.safetensors")
+    expect = acip.export(sm, 0.6)(input_ids=tokens).logits
+    code = (
+        "import acip, torch, sys; "
+        "sm = acip.ScoreMap.load(sys.argv[1]); m = acip.export(sm, 0.6); "
+        "torch.save(m(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])"
+    )
+    torch.save(tokens, tmp_path / "tok.pt")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(tmp_path / "tok.pt"), str(tmp_path / "out.pt")],
+                   check=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), expect, atol=1e-5)
+
+
+def test_export_errors(tiny_llama):
+    sm = ScoreMap.from_singular_values(acip.parametrize(copy.deepcopy(tiny_llama)))
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        acip.export(sm, 1.2)
+    with pytest.raises(ValueError, match="ratio"):
+        acip.export(sm, 0.0)
+    with pytest.raises(ScoreMapError, match="does not match"):
+        acip.export(sm, 0.5, model=tiny_model("phi3"))
+    orphan = ScoreMap(sm.scores, sm.shapes, sm.biases, method="x")  # no source, no model bound
+    with pytest.raises(ScoreMapError, match="pass the model"):
+        acip.export(orphan, 0.5)
+    assert acip.size_ratio(acip.export(orphan, 0.5, model=tiny_llama)) <= 0.5
+    with pytest.raises(TypeError, match="ScoreMap"):
+        acip.export("score_map.safetensors", 0.5)
