@@ -46,16 +46,33 @@ if not OmegaConf.has_resolver("acip_run_dir"):
     OmegaConf.register_new_resolver("acip_run_dir", _run_dir)
 
 
+def resumed_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The saved ``config.yaml`` of ``run_dir``, with the command line's ``key=value`` overrides
+    of existing leaf keys applied (``resume=... debug.step_delay_s=0``); group choices
+    (``model=hf``) cannot change on resume and are ignored."""
+    import yaml
+
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for o in overrides:
+        key, _, val = o.partition("=")
+        if key == "resume" or "/" in key or key.startswith(("+", "~", "hydra.")):
+            continue
+        cur = OmegaConf.select(saved, key, default=None)
+        if cur is not None and not OmegaConf.is_config(cur):
+            OmegaConf.update(saved, key, yaml.safe_load(val), merge=False)
+    saved.resume = str(run_dir)
+    return saved
+
+
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from acip.train.run import train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     if cfg.get("resume"):
-        saved = OmegaConf.load(Path(str(cfg.resume)).expanduser() / "config.yaml")
-        saved.resume = str(cfg.resume)
-        cfg = saved
+        cfg = resumed_config(Path(str(cfg.resume)).expanduser(), list(hc.overrides.task))
     train(cfg, run_dir)
     print(f"[acip] run directory: {run_dir}", flush=True)
 

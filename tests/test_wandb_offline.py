@@ -1,0 +1,37 @@
+"""W&B: offline by default, files inside the run directory, metric keys and images logged."""
+from __future__ import annotations
+
+import json
+
+from acip.train.run import setup_wandb_env
+from acip.train.testing import tiny_run
+
+
+def test_offline_run_files_hold_the_metric_keys_images_and_table():
+    run = tiny_run("wandb")
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    data = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in ("train/size_ratio", "train/task_loss", "train/l1_loss", "train/l1_weight", "train/step_time_s",
+                "train/tokens_per_s", "final/ppl_acip_r50", "final/ppl_singular_values_r50", "plots/ratio_vs_ppl"):
+        assert key.encode() in data, key
+    assert b"rank/model.layers.0.self_attn.q_proj" in data
+    images = {p.name.split("_")[0] for p in (runs[0] / "files/media/images/plots").glob("*.png")}
+    assert {"ratio", "score", "kept"} <= images
+    tables = list((runs[0] / "files/media/table/final").glob("results_*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["ratio", "ppl_acip", "ppl_singular_values"] and len(table["data"]) == 5
+    # W&B's cache/data/config directories were kept inside the run directory
+    assert (run / "wandb" / ".cache").is_dir() and (run / "wandb_run_id.txt").read_text().strip() in runs[0].name
+
+
+def test_wandb_env_is_offline_by_default_and_an_explicit_mode_wins(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    setup_wandb_env(tmp_path)
+    import os
+
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert all(os.environ[v].startswith(str(tmp_path)) for v in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    setup_wandb_env(tmp_path)
+    assert os.environ["WANDB_MODE"] == "online"
