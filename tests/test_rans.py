@@ -16,6 +16,7 @@ from acip.quant.rans import (
     rans_decode,
     rans_decode_many,
     rans_encode,
+    rans_encode_many,
 )
 
 TABLE_BYTES = 2 * 256  # a plain uint16 frequency table; the quantizer stores a packed one
@@ -99,6 +100,15 @@ def test_decode_many_mixed_items() -> None:
         items.append((*rans_encode(s, f, None if k % 2 else 50), f, s.size))
     for out, s in zip(rans_decode_many(items), srcs):
         assert np.array_equal(out.numpy(), s)
+
+
+def test_encode_many_equals_single() -> None:
+    srcs = [_geometric(n, 0.3, seed=n) for n in (5_000, 123, 40_000)] + [np.zeros(9, np.uint8)]
+    jobs = [(s, quantize_freqs(np.bincount(s, minlength=256)), k * 3 or None)
+            for k, s in enumerate(srcs)]
+    for (p, m), job in zip(rans_encode_many(jobs), jobs):
+        p1, m1 = rans_encode(*job)
+        assert np.array_equal(p, p1) and m == m1
 
 
 def test_agrees_with_constriction() -> None:

@@ -50,7 +50,8 @@ FORMAT: str = "acip-rans32x16"
 _FLUSH_STEPS = 128  # decoded rows buffered as packed int32 before conversion to uint8
 
 __all__ = [
-    "PROB_BITS", "quantize_freqs", "rans_encode", "rans_decode", "rans_decode_many",
+    "PROB_BITS", "quantize_freqs", "rans_encode", "rans_encode_many", "rans_decode",
+    "rans_decode_many",
     "entropy_bits", "constriction_encode", "constriction_decode",
 ]
 
@@ -113,51 +114,91 @@ def rans_encode(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Encode uint8 ``symbols`` against ``freqs`` into ``N`` interleaved rANS streams.
 
-    ``n_streams=None`` picks ``ceil(n / SYMBOLS_PER_STREAM)``; it is capped at ``n``. Vectorised
-    over streams with numpy (Python loop over the ``S`` steps). Returns ``(payload, meta)``,
-    payload a flat uint8 array, meta a JSON-serialisable dict of ints.
+    ``n_streams=None`` picks ``ceil(n / SYMBOLS_PER_STREAM)``; it is capped at ``n``. Returns
+    ``(payload, meta)``: payload a flat uint8 array, meta a JSON-serialisable dict of ints.
+    Many tensors encode faster together with ``rans_encode_many``.
     """
-    sym = np.ascontiguousarray(np.asarray(symbols).reshape(-1))
-    if sym.dtype != np.uint8:
-        raise ValueError(f"symbols must be uint8, got {sym.dtype}")
-    f = _check_freqs(freqs)
-    n = int(sym.size)
-    meta: dict[str, Any] = {"format": FORMAT, "prob_bits": PROB_BITS, "n_symbols": n,
-                            "n_streams": 0, "n_words": 0}
-    if n and (f[sym] == 0).any():
-        bad = np.unique(sym[f[sym] == 0])[:8].tolist()
-        raise ValueError(f"symbols {bad} occur but have frequency 0")
-    if n == 0 or f.max() == M:  # nothing to code: empty, or a single symbol (costs 0 bits)
-        return np.zeros(0, dtype=np.uint8), meta
-    N = int(n_streams) if n_streams is not None else _auto_streams(n)
-    if N < 1:
-        raise ValueError(f"n_streams must be >= 1, got {n_streams}")
-    N = min(N, n)
-    S = -(-n // N)
-    last = n - (S - 1) * N  # streams active in the last step
-    pad = np.zeros(S * N, dtype=np.uint8)
-    pad[:n] = sym
-    rows = pad.reshape(S, N)
-    cum = np.concatenate([[0], np.cumsum(f)[:-1]]).astype(np.int64)
-    xmax_f = ((STATE_LO >> PROB_BITS) << WORD_BITS) * f  # emit threshold per symbol
-    x = np.full(N, STATE_LO, dtype=np.int64)
-    ws: list[np.ndarray] = []
-    for t in range(S - 1, -1, -1):
-        a = N if t < S - 1 else last
-        s = rows[t, :a]
-        xs = x[:a]
-        fs = f[s]
-        emit = np.flatnonzero(xs >= xmax_f[s])
+    return rans_encode_many([(symbols, freqs, n_streams)])[0]
+
+
+def rans_encode_many(
+    items: Sequence[tuple[np.ndarray, np.ndarray, int | None]],
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Encode ``(symbols, freqs, n_streams)`` items, all streams of all items in lockstep.
+
+    numpy, vectorised over streams; the Python loop runs over the (reverse) steps only.
+    Each item's output is exactly what ``rans_encode`` gives for it alone.
+    """
+    res: list[tuple[np.ndarray, dict[str, Any]] | None] = [None] * len(items)
+    jobs = []
+    for i, (symbols, freqs, n_streams) in enumerate(items):
+        sym = np.ascontiguousarray(np.asarray(symbols).reshape(-1))
+        if sym.dtype != np.uint8:
+            raise ValueError(f"item {i}: symbols must be uint8, got {sym.dtype}")
+        f = _check_freqs(freqs)
+        n = int(sym.size)
+        meta: dict[str, Any] = {"format": FORMAT, "prob_bits": PROB_BITS, "n_symbols": n,
+                                "n_streams": 0, "n_words": 0}
+        if n and (f[sym] == 0).any():
+            bad = np.unique(sym[f[sym] == 0])[:8].tolist()
+            raise ValueError(f"item {i}: symbols {bad} occur but have frequency 0")
+        if n == 0 or f.max() == M:  # nothing to code: empty, or a single symbol (0 bits)
+            res[i] = (np.zeros(0, dtype=np.uint8), meta)
+            continue
+        N = int(n_streams) if n_streams is not None else _auto_streams(n)
+        if N < 1:
+            raise ValueError(f"item {i}: n_streams must be >= 1, got {n_streams}")
+        N = min(N, n)
+        jobs.append((i, sym, f, N, -(-n // N), meta))
+    if not jobs:
+        return res  # type: ignore[return-value]
+    jobs.sort(key=lambda j: -j[4])
+    cols = np.cumsum([0] + [j[3] for j in jobs])
+    n_tot, s_max = int(cols[-1]), jobs[0][4]
+    rows = np.zeros((s_max, n_tot), dtype=np.uint8)
+    lens = np.empty(n_tot, dtype=np.int64)  # symbols per stream
+    ftab = np.zeros(256 * len(jobs), dtype=np.int64)
+    ctab = np.zeros_like(ftab)
+    goff = np.repeat(np.arange(len(jobs), dtype=np.int64) * 256, np.diff(cols))
+    for g, (_, sym, f, N, S, _) in enumerate(jobs):
+        pad = np.zeros(S * N, dtype=np.uint8)
+        pad[: sym.size] = sym
+        rows[:S, cols[g]: cols[g + 1]] = pad.reshape(S, N)
+        lens[cols[g]: cols[g + 1]] = S - (np.arange(N) >= sym.size - (S - 1) * N)
+        ftab[256 * g: 256 * g + 256] = f
+        ctab[256 * g: 256 * g + 256] = np.concatenate([[0], np.cumsum(f)[:-1]])
+    xmtab = ((STATE_LO >> PROB_BITS) << WORD_BITS) * ftab  # emit threshold per symbol
+    x = np.full(n_tot, STATE_LO, dtype=np.int64)
+    gid = np.repeat(np.arange(len(jobs), dtype=np.int16), np.diff(cols))
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    changes = set(lens.tolist()) | {s_max}
+    idx: Any = slice(None)
+    for t in range(s_max - 1, -1, -1):
+        if t + 1 in changes:  # the set of streams holding a symbol at step t changed
+            act = np.flatnonzero(lens > t)
+            idx = slice(None) if act.size == n_tot else act
+        si = rows[t, idx] + goff[idx]
+        xs = x[idx]
+        fs = ftab[si]
+        emit = np.flatnonzero(xs >= xmtab[si])
         if emit.size:
-            ws.append((xs[emit] & 0xFFFF).astype(np.uint16))
+            blocks.append((gid[idx][emit], (xs[emit] & 0xFFFF).astype(np.uint16)))
             xs[emit] >>= WORD_BITS
         q, r = np.divmod(xs, fs)
-        x[:a] = q * M + cum[s] + r
+        x[idx] = q * M + ctab[si] + r
     # decoder reads step 0's words first (stream order within a step); encoder went backwards
-    words = np.concatenate(ws[::-1]) if ws else np.zeros(0, np.uint16)
-    payload = np.concatenate([x.astype("<u4").view(np.uint8), words.astype("<u2").view(np.uint8)])
-    meta.update(n_streams=N, n_words=int(words.size))
-    return payload, meta
+    g_all = np.concatenate([b[0] for b in blocks[::-1]]) if blocks else np.zeros(0, np.int16)
+    w_all = np.concatenate([b[1] for b in blocks[::-1]]) if blocks else np.zeros(0, np.uint16)
+    w_all = w_all[np.argsort(g_all, kind="stable")]  # group by item, keep decode order
+    wcuts = np.cumsum(np.r_[0, np.bincount(g_all, minlength=len(jobs))])
+    for g, (i, _, _, N, _, meta) in enumerate(jobs):
+        words = w_all[wcuts[g]: wcuts[g + 1]]
+        xs = x[cols[g]: cols[g + 1]]
+        payload = np.concatenate([xs.astype("<u4").view(np.uint8),
+                                  words.astype("<u2").view(np.uint8)])
+        meta.update(n_streams=N, n_words=int(words.size))
+        res[i] = (payload, meta)
+    return res  # type: ignore[return-value]
 
 
 def _packed_table(f: np.ndarray) -> np.ndarray:
@@ -206,7 +247,8 @@ def _parse(payload: Any, meta: dict, freqs: np.ndarray, n_symbols: int, i: int) 
 
 
 def rans_decode_many(
-    items: Sequence[tuple[Any, dict, np.ndarray, int]], device: str | torch.device = "cpu"
+    items: Sequence[tuple[Any, dict, np.ndarray, int]], device: str | torch.device = "cpu",
+    threads: int | None = 1,
 ) -> list[torch.Tensor]:
     """Decode many ``(payload, meta, freqs, n_symbols)`` items in one lockstep run.
 
@@ -216,8 +258,25 @@ def rans_decode_many(
     an exclusive prefix sum of ``need`` within each item gives each stream's word position,
     one gather, and the conditional shift-in. Returns bit-identical uint8 tensors on
     ``device``; raises ``ValueError`` on invalid input or a failed end-of-stream check.
+
+    ``threads``: torch intra-op threads during a CPU decode (restored afterwards); ``None``
+    keeps the current setting. The default 1 is deliberate: the per-step tensors are small and
+    on a shared or oversubscribed CPU, OpenMP workers waiting for each other made decoding
+    up to 20x slower here.
     """
     dev = torch.device(device)
+    if threads is None or dev.type != "cpu" or threads == torch.get_num_threads():
+        return _decode_many(items, dev)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _decode_many(items, dev)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.device
+                 ) -> list[torch.Tensor]:
     parsed = [_parse(p, m, fr, n, i) for i, (p, m, fr, n) in enumerate(items)]
     out: list[torch.Tensor | None] = [None] * len(parsed)
     coded = []
@@ -329,10 +388,10 @@ def rans_decode_many(
 
 def rans_decode(
     payload: Any, meta: dict, freqs: np.ndarray, n_symbols: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", threads: int | None = 1,
 ) -> torch.Tensor:
     """Decode one item (see ``rans_decode_many``); returns a uint8 tensor of ``n_symbols``."""
-    return rans_decode_many([(payload, meta, freqs, n_symbols)], device)[0]
+    return rans_decode_many([(payload, meta, freqs, n_symbols)], device, threads)[0]
 
 
 # --- reference codec (constriction), used by tests and the benchmark as the oracle ----------
