@@ -48,10 +48,12 @@ def header() -> str:
     except OSError:
         pass
     vers = {"python": platform.python_version(), "torch": torch.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
     for mod in ("transformers", "constriction", "bitsandbytes", "hqq"):
         try:
-            vers[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
+            vers[mod] = version(mod)
+        except PackageNotFoundError:
             vers[mod] = "absent"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

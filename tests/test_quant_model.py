@@ -109,14 +109,15 @@ def test_lazy_mode_keeps_streams_coded_and_matches(saved: dict) -> None:
         quant.set_decode_mode(again, "sometimes")
 
 
-def test_corrupted_file_raises_checksum_error_naming_layer(saved: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("part", ["codes_stream", "scales"])
+def test_corrupted_file_raises_checksum_error_naming_layer(saved: dict, tmp_path: Path, part: str) -> None:
     d = tmp_path / "bad"
     d.mkdir()
     for f in saved["dir"].iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     path = d / "model.safetensors"
     _, header = _safetensors_data_bytes(path)
-    name = "model.layers.1.self_attn.v_proj.codes_stream"
+    name = f"model.layers.1.self_attn.v_proj.{part}"
     lo, hi = header[name]["data_offsets"]
     raw = bytearray(path.read_bytes())
     start = 8 + struct.unpack("<Q", raw[:8])[0]

@@ -2,8 +2,8 @@
 
 Persistent buffers (written by ``save_pretrained`` into safetensors, read by ``from_pretrained``):
 ``codes_stream`` (uint8 payload), ``codes_table`` (uint8 packed frequencies) and ``scales``
-(int8 exponents ``t`` for ``method="entquant"``: ``W = value[code] * 2**t``; fp32 absmax scales
-for ``method="absmax8"``), plus the fp32 ``bias``. Shapes, codec meta and the sha256 live in the
+(int8 exponents ``t`` for ``method="entquant"``: ``W = value[code] * 2**t``; fp32 absmax scales,
+stored bit-for-bit as int32, for ``method="absmax8"``), plus the fp32 ``bias``. Shapes, codec meta and the sha256 live in the
 model config's ``acip_layout`` entry, so a corrupted or truncated file fails its checksum.
 
 Decode modes: ``"eager"`` decodes once (on first use) and keeps the fp32 weight; ``"lazy"`` keeps
@@ -11,6 +11,7 @@ only the streams and decodes just before each forward through a small per-model 
 """
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import EncodedTensor, decode_many
+from .codec import ChecksumError, EncodedTensor, decode_many
 from .optimize import QuantResult, dequantize
 
 __all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending"]
@@ -80,7 +81,7 @@ class EntQuantLinear(nn.Module):
         self.method, self.fmt = str(entry["method"]), str(entry["fmt"])
         self.name = str(entry.get("name", "weight"))
         self.entry = dict(entry)
-        scale_dtype = torch.int8 if self.method == "entquant" else torch.float32
+        scale_dtype = torch.int8 if self.method == "entquant" else torch.int32  # fp32 bits
         self.register_buffer("codes_stream", torch.empty(int(entry["stream_bytes"]), dtype=torch.uint8, device=device))
         self.register_buffer("codes_table", torch.empty(int(entry["table_bytes"]), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(self.out_features, dtype=scale_dtype, device=device))
@@ -110,6 +111,11 @@ class EntQuantLinear(nn.Module):
         return self.dequantize_codes(decode_many([self.encoded()])[0])
 
     def dequantize_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``value[codes] * scale_row`` after checking the scales against their sha256."""
+        want = self.entry.get("scales_sha256")
+        if want is not None and _sha(self.scales) != want:
+            raise ChecksumError(f"tensor {self.name + '.scales'!r}: sha256 mismatch: the checkpoint is corrupted; "
+                                f"re-save it from the original model")
         return dequantize(codes.to(self.scales.device), self.scales, self.method, self.fmt)
 
     def stored_bytes(self) -> dict[str, int]:
@@ -119,6 +125,11 @@ class EntQuantLinear(nn.Module):
             "tables": int(self.codes_table.numel()) + 32,
             "scales": int(self.scales.numel() * self.scales.element_size()),
         }
+
+    @property
+    def n_params(self) -> int:
+        """Parameters this layer represents (``out * in`` + bias), as for the dense layer."""
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -156,6 +167,10 @@ class EntQuantLinear(nn.Module):
                 f"fmt={self.fmt}, bits={bits:.2f}, mode={self.mode}")
 
 
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) -> dict[str, Any]:
     """The ``acip_layout`` entry: everything needed to build the empty module and check it."""
     out, inn = enc.shape
@@ -171,6 +186,7 @@ def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) ->
         "table_bytes": int(enc.table.numel()),
         "codec": enc.meta,
         "sha256": enc.sha256,
+        "scales_sha256": _sha(res.scales),
         "stats": {
             "entropy": round(res.entropy, 6),
             "unique": res.unique,

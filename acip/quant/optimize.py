@@ -47,7 +47,7 @@ class QuantResult:
     """Codes and scales of one weight, plus what the report shows."""
 
     codes: torch.Tensor  # uint8 (out, in)
-    scales: torch.Tensor  # int8 exponents (entquant) or float32 scales (absmax8), shape (out,)
+    scales: torch.Tensor  # int8 exponents t (entquant) or fp32 scales as int32 bits (absmax8), (out,)
     method: str  # "entquant" | "absmax8"
     fmt: str  # code format of ``codes``
     rel_error: float
@@ -64,7 +64,10 @@ class QuantResult:
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, method: str, fmt: str) -> torch.Tensor:
     """``What = value[codes] * scale_row`` in fp32 (``scale = 2**t`` or the absmax scale)."""
     values = code_values(fmt, codes.device)[codes.to(torch.int64)]
-    s = torch.exp2(scales.float()) if method == "entquant" else scales.float()
+    if method == "entquant":
+        s = torch.exp2(scales.float())
+    else:  # fp32 bits kept in an int32 tensor, so loading with dtype=bf16 cannot round them
+        s = scales.view(torch.float32) if scales.dtype == torch.int32 else scales.float()
     return values * s[:, None]
 
 
@@ -81,7 +84,7 @@ def absmax8(W: torch.Tensor, reason: str | None = None) -> QuantResult:
     s = W.abs().amax(dim=1) / 127.0
     s = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round(W / s[:, None]).clamp(-127, 127).to(torch.int8).view(torch.uint8)
-    return _finish(W, codes, s, "absmax8", "int8", reason=reason)
+    return _finish(W, codes, s.contiguous().view(torch.int32), "absmax8", "int8", reason=reason)
 
 
 def _ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
