@@ -39,11 +39,20 @@ def model_for(score_map: ScoreMap, model: Any = None) -> ACIPModel:
     settings = score_map.meta.get("parametrize", {})
 
     def build(base: nn.Module) -> ACIPModel:
+        whitening = None
+        if score_map.meta.get("whitening"):
+            from .core.whiten import load_whitening
+
+            wpath = Path(score_map.meta["whitening"])
+            if not wpath.is_absolute() and score_map.path is not None:
+                wpath = score_map.path.parent / wpath
+            whitening = load_whitening(wpath)
         return parametrize(
             base,
             target_modules=settings.get("layers", "all-linear"),
             mask_scaling=settings.get("mask_scaling", 2e-2),
             lora=settings.get("lora"),
+            whitening=whitening,
         )
 
     if model is not None:

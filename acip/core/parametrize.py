@@ -95,6 +95,7 @@ class ACIPModel(nn.Module):
         self._layer_names = list(layer_names)
         self._settings = dict(settings)
         self.source = dict(source)
+        self.whitening: dict[str, torch.Tensor] | None = None  # activation-aware basis, if any
 
     # ------------------------------------------------------------------ behave like the model
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -233,13 +234,15 @@ def parametrize(
     mask_scaling: float = 2e-2,
     lora: Any = None,
     svd_dtype: torch.dtype = torch.float64,
+    whitening: dict[str, torch.Tensor] | None = None,
 ) -> ACIPModel:
     """Replace every target linear layer of ``model`` by its exact SVD parametrization.
 
     The model is changed in place (its layers are swapped) and wrapped. All original parameters
     are frozen; the masks (and LoRA factors when ``lora`` is a ``peft.LoraConfig`` or a dict
     with ``r``, ``lora_alpha``, ``lora_dropout``) are trainable. Outputs are unchanged up to
-    the SVD's round-off (relative error ~1e-7 in fp32).
+    the SVD's round-off (relative error ~1e-7 in fp32). ``whitening`` (layer name -> Cholesky
+    factor, from :func:`acip.core.whiten.calibrate_whitening`) gives the activation-aware basis.
     """
     from tqdm.auto import tqdm
 
@@ -256,7 +259,12 @@ def parametrize(
     for name in tqdm(names, desc="SVD", disable=len(names) < 50, leave=False):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = SVDLinear.from_linear(getattr(parent, child), mask_scaling, svd_dtype)
+        lw = None
+        if whitening is not None:
+            if name not in whitening:
+                raise ValueError(f"whitening factors have no entry for layer {name!r}; calibrate with the same targets")
+            lw = whitening[name]
+        layer = SVDLinear.from_linear(getattr(parent, child), mask_scaling, svd_dtype, whitening=lw)
         if lora_cfg:
             layer.add_lora(lora_cfg["r"], lora_cfg["lora_alpha"], lora_cfg["lora_dropout"])
         setattr(parent, child, layer)
@@ -267,7 +275,9 @@ def parametrize(
         "lora": lora_cfg,
     }
     source = dict(getattr(model, "acip_source", None) or {"model": None, "kind": "object"})
-    return ACIPModel(model, names, settings, source)
+    pm = ACIPModel(model, names, settings, source)
+    pm.whitening = whitening
+    return pm
 
 
 def _lora_dict(lora: Any) -> dict | None:

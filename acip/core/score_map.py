@@ -133,7 +133,8 @@ class ScoreMap:
         for n, l in pmodel.svd_layers().items():
             s = l.singular_values.float()
             scores[n] = s / s.norm().clamp_min(1e-30)
-        return cls._from_layers(pmodel, scores, "singular_values")
+        method = "activation_aware" if getattr(pmodel, "whitening", None) else "singular_values"
+        return cls._from_layers(pmodel, scores, method)
 
     @classmethod
     def from_masks(cls, pmodel: "ACIPModel", method: str = "acip", **kw: Any) -> "ScoreMap":
@@ -241,6 +242,14 @@ class ScoreMap:
                 [[n, list(self.shapes[n]), self.biases[n]] for n in self.scores]
             ),
         }
+        whitening = getattr(self.model, "whitening", None)
+        if whitening:  # the activation-aware basis cannot be rebuilt without its factors
+            from .whiten import save_whitening
+
+            wname = Path(path).name.replace(".safetensors", "") + ".whitening.safetensors"
+            save_whitening(whitening, Path(path).with_name(wname))
+            self.meta["whitening"] = wname
+            header["meta"] = json.dumps(self.meta)
         tensors = {n: s.contiguous() for n, s in self.scores.items()}
         path = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
         self.path = path

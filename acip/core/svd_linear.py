@@ -101,20 +101,35 @@ class SVDLinear(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_linear(
-        cls, module: nn.Module, mask_scaling: float = 2e-2, svd_dtype: torch.dtype = torch.float64
+        cls,
+        module: nn.Module,
+        mask_scaling: float = 2e-2,
+        svd_dtype: torch.dtype = torch.float64,
+        whitening: torch.Tensor | None = None,
     ) -> "SVDLinear":
         """Factorise a dense layer exactly: ``ortho = U / c``, ``base = S V^T``.
 
         The SVD runs in ``svd_dtype`` (float64 by default, so that the fp32 layer is reproduced
-        to ~1e-7 relative error) and the factors are stored in the layer's dtype.
+        to ~1e-7 relative error) and the factors are stored in the layer's dtype. With a
+        whitening factor ``L`` (in x in, lower triangular; see :mod:`acip.core.whiten`) the SVD is
+        of ``W L = U S V^T`` and ``base = S V^T L^{-1}``: still exactly ``W`` at full rank.
         """
         weight, bias = dense_weight_of(module)
         if not torch.isfinite(weight).all():
             raise ValueError("the weight holds NaN or inf values; cannot take its SVD")
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        u, s, vh = torch.linalg.svd(weight.to(svd_dtype), full_matrices=False)
+        w = weight.to(svd_dtype)
+        if whitening is not None:
+            if whitening.shape != (w.shape[1], w.shape[1]):
+                raise ValueError(f"whitening factor has shape {tuple(whitening.shape)}, expected {(w.shape[1],) * 2}")
+            lw = whitening.to(device=w.device, dtype=svd_dtype)
+            u, s, vh = torch.linalg.svd(w @ lw, full_matrices=False)
+            base = torch.linalg.solve_triangular(lw, s[:, None] * vh, upper=False, left=False)
+        else:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            base = s[:, None] * vh
         ortho = (u / mask_scaling).to(dtype)
-        base = (s[:, None] * vh).to(dtype)
+        base = base.to(dtype)
         return cls(ortho, base, bias, mask_scaling, singular_values=s.float())
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0) -> None:

@@ -1,0 +1,86 @@
+"""Activation-aware SVD (SVD-LLM style): the calibrated baseline that ACIP is compared against.
+
+For a target layer with calibration inputs ``X`` (tokens x in), let ``L`` be the lower Cholesky
+factor of ``X^T X + eps*I``. Truncating the SVD of ``W L = U S V^T`` minimises the output error
+``||(W - W_r) X^T||_F`` over rank-r matrices, and
+
+    W = U S (V^T L^{-1}),    W_r = U_r S_r (V_r^T L^{-1}).
+
+So the layer is parametrized with ``ortho = U / c`` and ``base = S V^T L^{-1}``; everything else
+(masks, score maps, export) is unchanged. ``ScoreMap.from_singular_values`` on such a model gives
+the activation-aware baseline (scores ``s_j / ||s||_2`` of ``W L``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .parametrize import find_target_modules
+from .score_map import atomic_write
+
+__all__ = ["calibrate_whitening", "save_whitening", "load_whitening"]
+
+
+@torch.no_grad()
+def calibrate_whitening(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+    damp: float = 1e-2,
+) -> dict[str, torch.Tensor]:
+    """Cholesky factors ``L`` (in x in, float64 -> model dtype) of each target layer's ``X^T X``.
+
+    ``batches`` yields ``input_ids`` tensors. ``damp`` adds ``damp * mean(diag)`` to the diagonal
+    so that ``L`` exists even for rank-deficient activations.
+    """
+    from tqdm.auto import tqdm
+
+    names = find_target_modules(model, target_modules, exclude_modules)
+    grams: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.t() @ x
+        return fn
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_hook(hook(n)))
+    try:
+        seen = 0
+        for ids in tqdm(list(batches), desc="calibration", leave=False):
+            model(input_ids=ids)
+            seen += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not grams:
+        raise ValueError("calibration saw no batches: pass at least one tensor of input_ids")
+    out = {}
+    for n, g in grams.items():
+        eye = torch.eye(g.shape[0], dtype=g.dtype)
+        g = g + damp * g.diagonal().mean().clamp_min(1e-12) * eye
+        out[n] = torch.linalg.cholesky(g).float()
+    return out
+
+
+def save_whitening(factors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write the factors atomically (one safetensors file)."""
+    tensors = {n: t.contiguous() for n, t in factors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_whitening(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no whitening factors at {str(path)!r}; re-run calibrate_whitening")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"whitening file {str(path)!r} is truncated or corrupted ({e})") from None
