@@ -6,6 +6,7 @@ tests call it with a config from Hydra's compose API.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     parts = build(cfg, run_dir)
     trainer = parts["trainer"]
-    trainer.fit(parts["module"], datamodule=parts["datamodule"], ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(parts["module"], datamodule=parts["datamodule"], ckpt_path=str(ckpt_path) if ckpt_path else None)
+    finally:  # close this run's W&B run, so that the next --multirun job starts its own
+        if "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
+            sys.modules["wandb"].finish()
     for cb in trainer.callbacks:
         if type(cb).__name__ == "FinalEvaluation":
             return cb.results
