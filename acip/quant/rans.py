@@ -312,13 +312,15 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
     K = min(_FLUSH_STEPS, s_max)
     # word 0 is a guard; the tail guard absorbs reads of non-reading streams and, for a corrupt
     # payload, up to K steps of over-reading between two bound checks (no clamp in the loop)
-    wbuf = torch.zeros(1 + w_tot + (K + 1) * n_tot, **i32)
+    wbuf = torch.empty(1 + w_tot + (K + 1) * n_tot, **i32)
+    wbuf[0] = 0
+    wbuf[1 + w_tot:] = 0
     if w_tot:
         wbuf[1: 1 + w_tot] = cat([parsed[i]["words"] for i in coded])
     x = cat([parsed[i]["states"] for i in coded])
     gid = cat([np.full(parsed[i]["N"], g) for g, i in enumerate(coded)])
     tof = gid * M
-    base = torch.from_numpy(wst[:-1].astype(np.int32)).to(dev)  # position of last word read
+    base = torch.from_numpy(wst[:-1].astype(np.int64)).to(dev)  # position of last word read
     bounds = torch.from_numpy(cols.astype(np.int64)).to(dev)
     c = {k: torch.tensor(v, **i32) for k, v in
          dict(mask=M - 1, p=PROB_BITS, lo=STATE_LO, s31=31, park=1 << 30).items()}
@@ -328,7 +330,9 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
     if sys.byteorder != "little":
         raise RuntimeError("the rANS decoder assumes a little-endian host")
     ebytes = ebuf.view(torch.uint8).view(K, n_tot, 4)
-    nc = torch.zeros(n_tot + 1, **i32)  # nc[0] = 0; nc[k+1] = -(number of reads in 0..k)
+    # nc[0] = 0; nc[k+1] = -(number of reads in 0..k); int64 (torch's int32 cumsum is slower)
+    nc = torch.zeros(n_tot + 1, dtype=torch.int64, device=dev)
+    pbuf = torch.empty(n_tot, dtype=torch.int64, device=dev)
     bufs = [torch.empty(n_tot, **i32) for _ in range(4)]
     views: dict[int, tuple[Any, ...]] = {}
     t0 = 0
@@ -336,8 +340,9 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
         a, ga = int(act[t]), int(gact[t])
         if a not in views:
             views[a] = (x[:a], tof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
-                        bounds[: ga + 1], [row[:a] for row in ebuf], *(b[:a] for b in bufs))
-        xa, ta, ga_id, nca, nc_a, ba, bd, erows, b1, b2, b3, b4 = views[a]
+                        bounds[: ga + 1], [row[:a] for row in ebuf], pbuf[:a],
+                        *(b[:a] for b in bufs))
+        xa, ta, ga_id, nca, nc_a, ba, bd, erows, pa, b1, b2, b3, b4 = views[a]
         slot = torch.bitwise_and(xa, c["mask"], out=b1)
         if G > 1:
             slot.add_(ta)
@@ -347,14 +352,14 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
         xa.bitwise_right_shift_(c["p"])
         torch.addcmul(bv, fv, xa, out=xa)  # x = f * (x >> P) + slot - cum
         m = torch.sub(xa, c["lo"], out=b4).bitwise_right_shift_(c["s31"])  # -1 where x < L
-        torch.cumsum(m, 0, dtype=torch.int32, out=nca)
+        torch.cumsum(m, 0, out=nca)
         if G > 1:  # per item: last word read + reads up to and including this stream
             nb = torch.index_select(nc, 0, bd)
             d = torch.add(ba, nb[:-1])
             ba.add_(nb[:-1]).sub_(nb[1:])
-            pos = torch.index_select(d, 0, ga_id, out=b1).sub_(nca)
+            pos = torch.index_select(d, 0, ga_id, out=pa).sub_(nca)
         else:
-            pos = torch.sub(ba, nca, out=b1)
+            pos = torch.sub(ba, nca, out=pa)
             ba.sub_(nc_a)
         w = torch.index_select(wbuf, 0, pos, out=b2)
         # readers (x < L < 2**16) get x * 2**16 + w; the int32 product may wrap for the others,
@@ -371,7 +376,7 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
             if int(base.max()) > w_tot:
                 raise ValueError("rANS streams read past the end of their words: corrupted "
                                  "payload or wrong freqs")
-    bad_w = (base != torch.from_numpy(wst[1:].astype(np.int32)).to(dev)).tolist()
+    bad_w = (base != torch.from_numpy(wst[1:].astype(np.int64)).to(dev)).tolist()
     bad = (x_end != STATE_LO).to(torch.int32)
     for g, i in enumerate(coded):
         lo, hi = int(cols[g]), int(cols[g + 1])
