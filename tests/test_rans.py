@@ -9,8 +9,6 @@ import torch
 from acip.quant import rans
 from acip.quant.rans import (
     PROB_BITS,
-    constriction_decode,
-    constriction_encode,
     entropy_bits,
     quantize_freqs,
     rans_decode,
@@ -18,6 +16,7 @@ from acip.quant.rans import (
     rans_encode,
     rans_encode_many,
 )
+from acip.quant.rans_ref import constriction_decode, constriction_encode
 
 TABLE_BYTES = 2 * 256  # a plain uint16 frequency table; the quantizer stores a packed one
 

@@ -21,13 +21,17 @@ Coding scheme (one tensor, alphabet of 256 symbols, precision ``M = 2**PROB_BITS
 
 Payload (flat little-endian uint8): ``N x uint32`` initial decoder states, then the 16-bit words
 interleaved in decode order (Giesen's interleaved rANS): step 0's words of the streams that
-renormalise, in stream order, then step 1's, ... The decoder finds each stream's word with an
-exclusive prefix sum over the "needs a word" flags, so all reads of a step are contiguous
-(cache and TLB friendly) and no per-stream lengths are stored. ``meta`` is a small dict of ints.
+renormalise, in stream order, then step 1's, ... The decoder finds each stream's word with a
+prefix sum over the "needs a word" flags, so all reads of a step are contiguous (cache and TLB
+friendly) and no per-stream lengths are stored. ``meta`` is a small dict of ints. Cost per
+stream: the 4-byte state, of which ~1 byte carries data on average (~0.25% at 4096 symbols of
+~3 bits per stream).
 
 The decoder runs all streams of many tensors at once (``rans_decode_many``): the Python loop is
-over lockstep steps only; each step is ~18 int32 tensor ops over the active streams, so the same
-code runs on a GPU. Tensors with one symbol value (or no symbols) have an empty payload.
+over lockstep steps only; each step is ~15-20 int32/int64 tensor ops over the active streams,
+so the same code runs on a GPU. Decode a whole model in one call: one tensor alone gives too
+few streams to amortise the per-op cost. Tensors with one symbol value (or none) have an empty
+payload.
 """
 
 from __future__ import annotations
@@ -45,14 +49,14 @@ M: int = 1 << PROB_BITS
 STATE_LO: int = 1 << 15  # L
 WORD_BITS: int = 16
 SYMBOLS_PER_STREAM: int = 4096
-"""Default stream length; per-stream cost is ~3 bytes (state flush), i.e. ~0.2% here."""
+"""Default stream length (auto ``n_streams = ceil(n / SYMBOLS_PER_STREAM)``): longer streams cost
+fewer state bytes, shorter ones give more lockstep width (see docs/BENCHMARKS.md)."""
 FORMAT: str = "acip-rans32x16"
-_FLUSH_STEPS = 128  # decoded rows buffered as packed int32 before conversion to uint8
+_FLUSH_STEPS = 128  # rows buffered before conversion to uint8, and steps between bound checks
 
 __all__ = [
     "PROB_BITS", "quantize_freqs", "rans_encode", "rans_encode_many", "rans_decode",
-    "rans_decode_many",
-    "entropy_bits", "constriction_encode", "constriction_decode",
+    "rans_decode_many", "entropy_bits",
 ]
 
 
@@ -68,9 +72,9 @@ def quantize_freqs(hist: np.ndarray) -> np.ndarray:
     """Integer frequencies ``f`` (uint32[256], ``sum(f) == 2**PROB_BITS``) close to ``hist``.
 
     Every symbol with ``count > 0`` gets ``f >= 1``; symbols with count 0 get 0. Starting from
-    ``max(1, floor(p * M))`` the remaining mass is handed out greedily to the symbol whose
-    increment lowers the cross-entropy ``-sum(c * log2(f / M))`` most (removals symmetrically),
-    which is optimal for this separable convex objective. An all-zero histogram gives a
+    ``max(1, floor(p * M))`` the remaining mass is handed out greedily to the symbols whose
+    increment lowers the cross-entropy ``-sum(c * log2(f / M))`` most (removals symmetrically,
+    from the symbols where it costs least). An all-zero histogram gives a
     uniform table (nothing will be coded against it).
     """
     c = np.asarray(hist, dtype=np.int64).reshape(-1)
@@ -255,7 +259,7 @@ def rans_decode_many(
     All streams of all items advance together (items sorted by steps, so the active streams are
     a prefix), which lets small tensors share the per-step cost: the fast path for a whole
     model. Per step, for the active streams: table lookup, state update, ``need = x < L``,
-    an exclusive prefix sum of ``need`` within each item gives each stream's word position,
+    a prefix sum of ``need`` within each item gives each stream's word position,
     one gather, and the conditional shift-in. Returns bit-identical uint8 tensors on
     ``device``; raises ``ValueError`` on invalid input or a failed end-of-stream check.
 
@@ -397,29 +401,3 @@ def rans_decode(
 ) -> torch.Tensor:
     """Decode one item (see ``rans_decode_many``); returns a uint8 tensor of ``n_symbols``."""
     return rans_decode_many([(payload, meta, freqs, n_symbols)], device, threads)[0]
-
-
-# --- reference codec (constriction), used by tests and the benchmark as the oracle ----------
-
-def _model(hist: np.ndarray):  # noqa: ANN202 - constriction type
-    import constriction
-
-    p = np.asarray(hist, dtype=np.float64)
-    return constriction.stream.model.Categorical(p / max(p.sum(), 1.0), perfect=False)
-
-
-def constriction_encode(symbols: np.ndarray, hist: np.ndarray) -> np.ndarray:
-    """Encode with constriction's ``AnsCoder`` against ``hist``; returns uint32 words."""
-    import constriction
-
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(np.asarray(symbols).reshape(-1).astype(np.int32), _model(hist))
-    return coder.get_compressed()
-
-
-def constriction_decode(compressed: np.ndarray, hist: np.ndarray, n_symbols: int) -> np.ndarray:
-    """Decode ``n_symbols`` symbols from ``constriction_encode`` output; returns uint8."""
-    import constriction
-
-    coder = constriction.stream.stack.AnsCoder(np.asarray(compressed, dtype=np.uint32))
-    return coder.decode(_model(hist), int(n_symbols)).astype(np.uint8)
