@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 
@@ -17,24 +16,7 @@ import torch
 
 import acip
 from acip.core import ScoreMap
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return (
-        f"machine: {cpu}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.release()}\n"
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, acip {acip.__version__}"
-    )
+from acip.eval.machine import machine_header
 
 
 def bench_allocation(n_ratios: int = 200) -> None:
@@ -74,7 +56,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-ppl", action="store_true")
     args = ap.parse_args()
-    print(machine())
+    print(machine_header())
     bench_allocation()
 
     t = time.perf_counter()
