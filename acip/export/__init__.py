@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.lowrank import LAYOUT_KEY, LowRankLinear
-from .core.parametrize import ACIPModel, parametrize
-from .core.score_map import ScoreMap, ScoreMapError, check_ratio
-from .core.size import size_report
-from .core.svd_linear import SVDLinear
+from ..core.lowrank import LAYOUT_KEY
+from ..core.parametrize import ACIPModel, parametrize
+from ..core.score_map import ScoreMap, ScoreMapError, check_ratio
+from ..core.size import size_report
+from ..core.svd_linear import SVDLinear
 
 __all__ = ["export", "model_for"]
 
@@ -41,7 +41,7 @@ def model_for(score_map: ScoreMap, model: Any = None) -> ACIPModel:
     def build(base: nn.Module) -> ACIPModel:
         whitening = None
         if score_map.meta.get("whitening"):
-            from .core.whiten import load_whitening
+            from ..core.whiten import load_whitening
 
             wpath = Path(score_map.meta["whitening"])
             if not wpath.is_absolute() and score_map.path is not None:
@@ -67,7 +67,7 @@ def model_for(score_map: ScoreMap, model: Any = None) -> ACIPModel:
             "this score map does not record where its model comes from (it was made from a model "
             "object); pass the model: acip.export(score_map, ratio, model=my_model)"
         )
-    from .load import load_base
+    from ..load import load_base
 
     dtype = getattr(torch, score_map.source.get("dtype", "float32"))
     base, _ = load_base(src, dtype=dtype)
@@ -171,13 +171,7 @@ def export(
     new.config.acip_export["measured_ratio"] = rep.target_ratio
     new.config.acip_export["measured_full_ratio"] = rep.full_ratio
     if quantize is not None:
-        from . import quant
+        from .. import quant
 
         quant.apply(new, quantize)
     return new
-
-
-if __name__ == "__main__":  # python -m acip.export run_dir=... ratio=0.6
-    from acip.cli.export import main
-
-    main()
