@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 
+from acip.eval.machine import machine_header
 from acip.quant import rans
 from acip.quant.rans_ref import constriction_decode, constriction_encode
 
@@ -29,19 +29,8 @@ TABLE_BYTES = 2 * 256  # per tensor: 256 uint16 frequencies (both codecs need on
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import constriction  # noqa: F401
-    from importlib.metadata import version
-
-    return (f"CPU: {cpu}, {os.cpu_count()} logical cores; load average {os.getloadavg()}\n"
-            f"python {platform.python_version()}, torch {torch.__version__}, numpy "
-            f"{np.__version__}, constriction {version('constriction')}, "
-            f"torch threads {torch.get_num_threads()}, PROB_BITS {rans.PROB_BITS}, "
+    return (f"{machine_header(('numpy', 'constriction', 'acip'))}\n"
+            f"load average {os.getloadavg()}, PROB_BITS {rans.PROB_BITS}, "
             f"SYMBOLS_PER_STREAM {rans.SYMBOLS_PER_STREAM}")
 
 
