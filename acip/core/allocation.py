@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["RankAllocator"]
@@ -41,40 +42,48 @@ class RankAllocator:
         shapes: list[tuple[int, int]],
         biases: list[bool],
     ) -> "RankAllocator":
-        """Sort once. ``shapes`` are ``(out, in)``; ``scores[l]`` has ``min(out, in)`` entries."""
-        counts = torch.tensor([s.numel() for s in scores], dtype=torch.int64)
-        flat = torch.cat([s.detach().float().flatten() for s in scores]) if scores else torch.zeros(0)
-        if not torch.isfinite(flat).all():
+        """Sort once. ``shapes`` are ``(out, in)``; ``scores[l]`` has ``min(out, in)`` entries.
+
+        One integer key sort replaces a stable float sort: key = (order-preserving int of -score)
+        << b | flat index is unique, so an unstable sort is deterministic and breaks ties by
+        (layer, index). Grouping the sorted entries by layer is a radix sort of the layer ids.
+        """
+        counts = np.array([s.numel() for s in scores], dtype=np.int64)
+        n_layers, total = len(scores), int(counts.sum())
+        flat = np.concatenate([s.detach().float().cpu().numpy().ravel() for s in scores])
+        if not np.isfinite(flat).all():
             bad = [n for n, s in zip(names, scores) if not torch.isfinite(s).all()]
             raise ValueError(f"score map holds NaN/inf scores in layers {bad[:5]}")
-        layer_id = torch.repeat_interleave(torch.arange(len(scores)), counts)
-        # stable descending sort == order by (-score, layer, index): deterministic tie-break
-        order = torch.sort(flat, descending=True, stable=True).indices
+        shift = max(1, int(total - 1).bit_length())
+        low = (1 << shift) - 1
+        idx = np.arange(total, dtype=np.int64)
+        bits = (flat + 0.0).view(np.int32).astype(np.int64)  # + 0.0 folds -0.0 into +0.0
+        mono = np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # same order as the floats
+        order = np.sort(((np.int64(1 << 31) - mono) << shift) | idx) & low  # descending score
+        layer_id = np.repeat(np.arange(n_layers, dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
         lid = layer_id[order]
-        # position j of each sorted entry inside its layer: stable sort by layer keeps global order
-        by_layer = torch.sort(lid, stable=True).indices
-        starts = torch.cumsum(counts, 0) - counts
-        j = torch.empty_like(lid)
-        j[by_layer] = torch.arange(lid.numel()) - torch.repeat_interleave(starts, counts)
-        outs = torch.tensor([o for o, _ in shapes], dtype=torch.int64)
-        ins = torch.tensor([i for _, i in shapes], dtype=torch.int64)
-        per_rank = (ins + outs)[lid]
-        dense = (ins * outs)[lid]
-        inc = torch.minimum((j + 1) * per_rank, dense) - torch.minimum(j * per_rank, dense)
+        if n_layers < 2**15:  # numpy's stable sort of int16 is a radix sort: O(N)
+            by_layer = np.argsort(lid.astype(np.int16), kind="stable")  # positions grouped by layer
+        else:
+            by_layer = np.sort((lid << shift) | idx) & low
+        j = np.empty(total, dtype=np.int64)  # position of each sorted entry inside its layer
+        j[by_layer] = idx - np.repeat(starts, counts)
+        outs = np.array([o for o, _ in shapes], dtype=np.int64)
+        ins = np.array([i for _, i in shapes], dtype=np.int64)
+        per_rank, dense = (ins + outs)[lid], (ins * outs)[lid]
+        inc = np.minimum((j + 1) * per_rank, dense) - np.minimum(j * per_rank, dense)
         bias_cost = int(sum(o for (o, _), b in zip(shapes, biases) if b))
-        cum = torch.cumsum(inc, 0) + bias_cost
-        kmax = int(counts.max()) if len(counts) else 0
-        big = torch.iinfo(torch.int64).max
-        positions = torch.full((len(scores), kmax), big, dtype=torch.int64)
-        gpos = by_layer  # global positions grouped by layer, ascending inside each layer
-        for l, (s, c) in enumerate(zip(starts.tolist(), counts.tolist())):
-            positions[l, :c] = gpos[s : s + c]
-        order_in_layer = [
-            torch.sort(sc.detach().float().flatten(), descending=True, stable=True).indices
-            for sc in scores
-        ]
+        cum = np.cumsum(inc) + bias_cost
+        kmax = int(counts.max()) if n_layers else 0
+        positions = np.full((n_layers, kmax), np.iinfo(np.int64).max, dtype=np.int64)
+        positions[lid, j] = idx
+        order_tab = np.zeros((n_layers, kmax), dtype=np.int64)
+        order_tab[lid, j] = order - starts[lid]
+        order_in_layer = [torch.from_numpy(order_tab[l, :c]) for l, c in enumerate(counts.tolist())]
         dense_total = int((ins * outs).sum()) + bias_cost
-        return cls(list(names), cum, bias_cost, dense_total, positions, order_in_layer)
+        return cls(list(names), torch.from_numpy(cum), bias_cost, dense_total,
+                   torch.from_numpy(positions), order_in_layer)
 
     def prefix_length(self, ratio: float) -> int:
         """Largest ``n`` with ``C(n) <= ratio * C_dense``."""
