@@ -171,7 +171,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: An
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .core.lowrank import LAYOUT_KEY
-    from .core.parametrize import ADAPTER_CONFIG, parametrize
+    from .core.parametrize import ADAPTER_CONFIG, parametrize_like
 
     p = Path(path)
     if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
@@ -180,10 +180,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: An
         if not src:
             raise ValueError(f"{p / ADAPTER_CONFIG} does not say which base model it belongs to")
         base, _ = load_base(src)
-        st = dict(cfg["settings"])
-        pm = parametrize(
-            base, target_modules=st["layers"], mask_scaling=st["mask_scaling"], lora=st["lora"]
-        )
+        pm = parametrize_like(base, cfg["settings"])
         pm.load_adapters(p)
         return pm
     if not (p / "config.json").is_file():

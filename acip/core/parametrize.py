@@ -21,7 +21,7 @@ from .svd_linear import SVDLinear
 if TYPE_CHECKING:
     from .score_map import ScoreMap
 
-__all__ = ["ACIPModel", "parametrize", "find_target_modules", "NoTargetLayersError"]
+__all__ = ["ACIPModel", "parametrize", "parametrize_like", "find_target_modules", "NoTargetLayersError"]
 
 ADAPTER_FILE = "acip_adapters.safetensors"
 ADAPTER_CONFIG = "acip_config.json"
@@ -273,11 +273,27 @@ def parametrize(
         "exclude_modules": exclude_modules,
         "mask_scaling": float(mask_scaling),
         "lora": lora_cfg,
+        "svd_dtype": str(svd_dtype).replace("torch.", ""),  # rebuild with the same SVD
     }
     source = dict(getattr(model, "acip_source", None) or {"model": None, "kind": "object"})
     pm = ACIPModel(model, names, settings, source)
     pm.whitening = whitening
     return pm
+
+
+def parametrize_like(
+    model: nn.Module, settings: dict, whitening: dict[str, torch.Tensor] | None = None
+) -> ACIPModel:
+    """Parametrize ``model`` exactly as described by ``ACIPModel.settings()`` (saved with runs)."""
+    return parametrize(
+        model,
+        target_modules=settings.get("layers", settings.get("target_modules", "all-linear")),
+        exclude_modules=None if "layers" in settings else settings.get("exclude_modules"),
+        mask_scaling=settings.get("mask_scaling", 2e-2),
+        lora=settings.get("lora"),
+        svd_dtype=getattr(torch, settings.get("svd_dtype", "float64")),
+        whitening=whitening,
+    )
 
 
 def _lora_dict(lora: Any) -> dict | None:

@@ -198,10 +198,10 @@ class SVDLinear(nn.Module):
         """
         r = int(keep_idx.numel())
         dt = self.base.dtype
+        if self.lora_A is None or r == 0:
+            return self.ortho.index_select(1, keep_idx) * self.mask_scaling, self.base.index_select(0, keep_idx)
         up = self.ortho.index_select(1, keep_idx).double() * self.mask_scaling
         down = self.base.index_select(0, keep_idx).double()
-        if self.lora_A is None or r == 0:
-            return up.to(dt), down.to(dt)
         left = torch.cat([up, self.lora_scaling * self.lora_B.detach().double()], dim=1)
         right = torch.cat([down, self.lora_A.detach().double()], dim=0)
         q1, r1 = torch.linalg.qr(left)

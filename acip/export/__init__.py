@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.lowrank import LAYOUT_KEY
-from ..core.parametrize import ACIPModel, parametrize
+from ..core.parametrize import ACIPModel, parametrize_like
 from ..core.score_map import ScoreMap, ScoreMapError, check_ratio
 from ..core.size import size_report
 from ..core.svd_linear import SVDLinear
@@ -47,13 +47,7 @@ def model_for(score_map: ScoreMap, model: Any = None) -> ACIPModel:
             if not wpath.is_absolute() and score_map.path is not None:
                 wpath = score_map.path.parent / wpath
             whitening = load_whitening(wpath)
-        return parametrize(
-            base,
-            target_modules=settings.get("layers", "all-linear"),
-            mask_scaling=settings.get("mask_scaling", 2e-2),
-            lora=settings.get("lora"),
-            whitening=whitening,
-        )
+        return parametrize_like(base, settings, whitening)
 
     if model is not None:
         pm = model if isinstance(model, ACIPModel) else build(model)
