@@ -49,8 +49,13 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
         assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
 
 
-def test_cfg_job_prints_the_resolved_config_from_any_directory(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "acip.compress", *TINY_ARGS, "acip.stop_ratio=0.3", "--cfg", "job"],
+@pytest.mark.parametrize("entry", ["module", "console_script"])
+def test_cfg_job_prints_the_resolved_config_from_any_directory(tmp_path, entry):
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("acip-compress")
+    exe = [sys.executable, "-m", "acip.compress"] if entry == "module" else [str(script)]
+    proc = subprocess.run([*exe, *TINY_ARGS, "acip.stop_ratio=0.3", "--cfg", "job"],
                           env=child_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stop_ratio: 0.3" in proc.stdout and "acip.train.models.tiny_llama" in proc.stdout

@@ -151,9 +151,17 @@ def test_lora_disabled_restores_adapters_and_table_formatting():
     layer = next(iter(pm.svd_layers().values()))
     with torch.no_grad():
         layer.lora_B.fill_(0.5)
+    ids = torch.randint(0, 50, (1, 6))
+    lora_a = layer.lora_A
     with lora_disabled(pm):
-        assert float(layer.lora_B.detach().abs().sum()) == 0.0
-    assert float(layer.lora_B.mean()) == 0.5
+        assert layer.lora_A is None and layer.lora_B is None
+        plain = acip.export(acip.ScoreMap.from_singular_values(pm), ratio=1.0, model=pm)
+    assert layer.lora_A is lora_a and float(layer.lora_B.detach().mean()) == 0.5
+    with torch.no_grad():  # the baseline export ignores the (non-zero) adapters
+        pm.model.eval()
+        for l in pm.svd_layers().values():
+            l.lora_B.zero_()
+        assert torch.allclose(plain(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
     assert metric_key("acip", 0.5) == "final/ppl_acip_r50"
     table = format_table([1.0, 0.5], {"acip": {1.0: 10.0, 0.5: 20.123}, "sv": {1.0: 10.0, 0.5: float("inf")}})
     assert "| 0.50 | 20.12 | inf |" in table

@@ -31,17 +31,19 @@ def metric_key(method: str, ratio: float) -> str:
 
 @contextlib.contextmanager
 def lora_disabled(pm: Any) -> Iterator[None]:
-    """Temporarily zero every ``lora_B`` (the LoRA branch then adds exactly 0)."""
-    saved = [(l, l.lora_B.detach().clone()) for l in pm.svd_layers().values() if l.lora_B is not None]
+    """Temporarily detach every layer's LoRA factors (the layer is then exactly ``U S V^T``).
+
+    Export then takes its no-LoRA path (plain index selection, no QR re-truncation), which is
+    what the untrained baseline needs; the factors are put back afterwards.
+    """
+    saved = [(l, l.lora_A, l.lora_B) for l in pm.svd_layers().values() if l.lora_A is not None]
     try:
-        with torch.no_grad():
-            for l, _ in saved:
-                l.lora_B.zero_()
+        for l, _, _ in saved:
+            l.lora_A, l.lora_B = None, None
         yield
     finally:
-        with torch.no_grad():
-            for l, b in saved:
-                l.lora_B.copy_(b)
+        for l, a, b in saved:
+            l.lora_A, l.lora_B = a, b
 
 
 def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratios: Sequence[float],
