@@ -37,7 +37,7 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
     run = tiny_run()
     out = tmp_path / "exported"
     proc = subprocess.run([sys.executable, "-m", "acip.export", f"run_dir={run}", "ratio=0.6", f"out={out}"],
-                          env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          env=child_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "measured target-layer ratio" in proc.stdout
     model = acip.load(out)
@@ -56,7 +56,7 @@ def test_cfg_job_prints_the_resolved_config_from_any_directory(tmp_path, entry):
     script = Path(sys.executable).with_name("acip-compress")
     exe = [sys.executable, "-m", "acip.compress"] if entry == "module" else [str(script)]
     proc = subprocess.run([*exe, *TINY_ARGS, "acip.stop_ratio=0.3", "--cfg", "job"],
-                          env=child_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stop_ratio: 0.3" in proc.stdout and "acip.train.models.tiny_llama" in proc.stdout
     assert not (tmp_path / "outputs").exists()

@@ -10,7 +10,7 @@ from acip.train.testing import child_env, run_compress
 def test_ddp_two_processes_share_one_score_map_and_only_rank0_writes(tmp_path):
     run = tmp_path / "run"
     proc = run_compress(run, "trainer=ddp", "trainer.devices=2", "logger=wandb", "eval.ratios=[0.5]",
-                        "eval.baseline=false", env=child_env(WANDB_MODE="offline"), timeout=400)
+                        "eval.baseline=false", env=child_env(WANDB_MODE="offline"), timeout=900)
     res = json.loads((run / "results.json").read_text())
     assert res["world_size"] == 2 and res["reached_stop_ratio"]
     digests = res["score_map_digests"]

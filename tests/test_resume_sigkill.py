@@ -18,7 +18,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(compress_cmd(run, "logger=none", "debug.step_delay_s=0.25"), env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (run / "checkpoints" / "step000005.ckpt").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5)  # a couple of steps past the checkpoint, then the kill

@@ -32,7 +32,7 @@ def compress_cmd(run_dir: str | Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "acip.compress", *TINY_ARGS, f"hydra.run.dir={run_dir}", *overrides]
 
 
-def run_compress(run_dir: str | Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300,
+def run_compress(run_dir: str | Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 900,
                  check: bool = True, cmd: Sequence[str] | None = None) -> subprocess.CompletedProcess:
     """Run the CLI to completion; on failure raise with the tail of its output."""
     proc = subprocess.run(list(cmd or compress_cmd(run_dir, *overrides)), env=env or child_env(),
