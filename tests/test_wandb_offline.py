@@ -8,7 +8,7 @@ from acip.train.testing import tiny_run
 
 
 def test_offline_run_files_hold_the_metric_keys_images_and_table():
-    run = tiny_run("wandb")
+    run = tiny_run()
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     data = next(runs[0].glob("run-*.wandb")).read_bytes()

@@ -42,9 +42,13 @@ def run_compress(run_dir: str | Path, *overrides: str, env: dict[str, str] | Non
     return proc
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_run(logger: str = "wandb") -> Path:
     """One finished tiny run (W&B offline by default), shared by the tests of one process."""
+    return _tiny_run(logger)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_run(logger: str) -> Path:
     run_dir = Path(tempfile.mkdtemp(prefix="acip-tiny-")) / "run"
     mode = "offline" if logger == "wandb" else "disabled"
     run_compress(run_dir, f"logger={logger}", env=child_env(WANDB_MODE=mode))
