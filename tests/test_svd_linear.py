@@ -108,3 +108,23 @@ def test_refuses_non_linear():
         SVDLinear.from_linear(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="mask_scaling"):
         SVDLinear.from_linear(_linear(), mask_scaling=0.0)
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_lora_fold_structured_and_generic_paths_agree(whitened):
+    lin = _linear(40, 48)
+    lw = None
+    if whitened:
+        x = torch.randn(200, 48)
+        lw = torch.linalg.cholesky(x.t() @ x + 1e-3 * torch.eye(48))
+    layer = SVDLinear.from_linear(lin, whitening=lw)
+    layer.add_lora(r=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    keep = torch.tensor([0, 2, 3, 5, 7, 11, 13, 17, 19, 23])
+    up, down = layer.factors(keep)
+    u = layer.ortho[:, keep].double() * layer.mask_scaling
+    w = u @ layer.base[keep].double() + layer.lora_scaling * layer.lora_B.double() @ layer.lora_A.double()
+    uu, ss, vv = torch.linalg.svd(w, full_matrices=False)
+    best = (uu[:, :10] * ss[:10]) @ vv[:10]
+    assert torch.allclose(up.double() @ down.double(), best, atol=1e-5)

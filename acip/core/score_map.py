@@ -45,6 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -161,6 +164,17 @@ class ScoreMap:
             s[active] = m[active]
             s[just_pruned] = 0.0
             s[~active] -= 1.0
+        self._alloc = None
+
+    @torch.no_grad()
+    def set_scores(self, scores: dict[str, torch.Tensor]) -> None:
+        """Replace every layer's scores (e.g. when restoring a checkpoint); shapes are checked."""
+        if set(scores) != set(self.scores):
+            raise ScoreMapError(f"set_scores needs exactly the layers {self.names[:3]}..., got {list(scores)[:3]}...")
+        for n, s in scores.items():
+            if s.shape != self.scores[n].shape:
+                raise ScoreMapError(f"{n}: {tuple(s.shape)} scores given, {tuple(self.scores[n].shape)} expected")
+            self.scores[n] = s.detach().to(torch.float32).cpu().clone()
         self._alloc = None
 
     # ------------------------------------------------------------------ allocation

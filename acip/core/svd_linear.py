@@ -93,6 +93,7 @@ class SVDLinear(nn.Module):
         self.register_buffer("singular_values", sv.detach().float().clone())
         self.mask = nn.Parameter(torch.full((k,), self.mask_scaling, dtype=torch.float32))
         self.keep: torch.Tensor | None = None
+        self.whitened = False  # True when base = S V^T L^{-1} (V^T L^{-1} not orthonormal)
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.lora_scaling = 0.0
@@ -130,7 +131,9 @@ class SVDLinear(nn.Module):
             base = s[:, None] * vh
         ortho = (u / mask_scaling).to(dtype)
         base = base.to(dtype)
-        return cls(ortho, base, bias, mask_scaling, singular_values=s.float())
+        layer = cls(ortho, base, bias, mask_scaling, singular_values=s.float())
+        layer.whitened = whitening is not None
+        return layer
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0) -> None:
         """Attach LoRA factors: A ~ kaiming-uniform (r x in), B = 0 (out x r), scale alpha / r."""
@@ -192,21 +195,38 @@ class SVDLinear(nn.Module):
         """Exact rank-r factors ``(up: out x r, down: r x in)`` of the kept directions, LoRA folded.
 
         Without LoRA: ``up = c * ortho[:, idx]`` (= U_r), ``down = base[idx]`` (= S_r V_r^T).
-        With LoRA, ``W = [U_r | s B] [base_r ; A]``; with ``left = Q1 R1``, ``right^T = Q2 R2``
-        and ``R1 R2^T = P S' Q^T``, the best rank-r approximation is
-        ``(Q1 P_r S'_r) (Q_r^T Q2^T)``, which is exactly rank r.
+        With LoRA, ``W = [U_r | s B] [base_r ; A]``. Write ``[U_r | sB] = Q1 R1`` and
+        ``[base_r ; A]^T = Q2 R2`` with orthonormal Q1, Q2; if ``R1 R2^T = P S' Q^T`` then the best
+        rank-r approximation of W is ``(Q1 P_r S'_r)(Q_r^T Q2^T)``, exactly rank r. Because U_r and
+        V_r are already orthonormal, only the LoRA parts need a QR: ``Q1 = [U_r | qr(sB - U_r U_r^T sB)]``
+        and likewise for ``A^T`` against ``V_r = base_r^T / S_r`` (plain QRs of the whole blocks for
+        whitened layers, whose V is not orthonormal).
         """
         r = int(keep_idx.numel())
         dt = self.base.dtype
         if self.lora_A is None or r == 0:
             return self.ortho.index_select(1, keep_idx) * self.mask_scaling, self.base.index_select(0, keep_idx)
-        up = self.ortho.index_select(1, keep_idx).double() * self.mask_scaling
-        down = self.base.index_select(0, keep_idx).double()
-        left = torch.cat([up, self.lora_scaling * self.lora_B.detach().double()], dim=1)
-        right = torch.cat([down, self.lora_A.detach().double()], dim=0)
-        q1, r1 = torch.linalg.qr(left)
-        q2, r2 = torch.linalg.qr(right.t())
+        u = self.ortho.index_select(1, keep_idx).double() * self.mask_scaling
+        base_r = self.base.index_select(0, keep_idx).double()
+        sb = self.lora_scaling * self.lora_B.detach().double()
+        at = self.lora_A.detach().double().t()
+        sv = self.singular_values.index_select(0, keep_idx.to(self.singular_values.device)).double()
+        if not self.whitened and bool(sv.min() > 1e-12 * sv.max().clamp_min(1e-30)):
+            v = base_r.t() / sv
+            cb, ca = u.t() @ sb, v.t() @ at
+            qb, rb = torch.linalg.qr(sb - u @ cb)
+            qa, ra = torch.linalg.qr(at - v @ ca)
+            l = sb.shape[1]
+            r1 = torch.cat([torch.cat([torch.eye(r, dtype=u.dtype), cb], 1),
+                            torch.cat([torch.zeros(l, r, dtype=u.dtype), rb], 1)], 0)
+            r2 = torch.cat([torch.cat([torch.diag(sv), ca], 1),
+                            torch.cat([torch.zeros(l, r, dtype=u.dtype), ra], 1)], 0)
+            p, s, qh = torch.linalg.svd(r1 @ r2.t(), full_matrices=False)
+            ps = p[:, :r] * s[:r]
+            up = u @ ps[:r] + qb @ ps[r:]
+            down = qh[:r, :r] @ v.t() + qh[:r, r:] @ qa.t()
+            return up.to(dt), down.to(dt)
+        q1, r1 = torch.linalg.qr(torch.cat([u, sb], dim=1))
+        q2, r2 = torch.linalg.qr(torch.cat([base_r.t(), at], dim=1))
         p, s, qh = torch.linalg.svd(r1 @ r2.t(), full_matrices=False)
-        up = q1 @ (p[:, :r] * s[:r])
-        down = qh[:r] @ q2.t()
-        return up.to(dt), down.to(dt)
+        return (q1 @ (p[:, :r] * s[:r])).to(dt), (qh[:r] @ q2.t()).to(dt)
