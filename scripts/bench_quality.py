@@ -1,0 +1,82 @@
+"""Quality of a finished ACIP run against the no-training baselines, on two text domains.
+
+    python scripts/bench_quality.py RUN_DIR [--windows 8] [--calib 16] [--ratios 0.9 0.8 0.7 0.6 0.5]
+
+Rows, all on the same windows: fp32; ACIP exports (``acip.export`` from the run's score map, LoRA
+folded); the singular-value score map; the activation-aware (SVD-LLM whitened) score map
+calibrated on KJV training windows. Domains: held-out KJV (the run trained on the first 90% of
+verses) and Python's own documentation (``pydoc`` text of standard-library modules), never used
+for training or calibration.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import pydoc
+from pathlib import Path
+
+import torch
+
+import acip
+from acip.core.whiten import calibrate_whitening
+from acip.eval import format_table, perplexity, ratio_sweep, token_windows
+from acip.eval.machine import machine_header
+
+PYDOC_MODULES = ["json", "re", "collections", "itertools", "functools", "pathlib", "argparse",
+                 "logging", "subprocess", "dataclasses", "typing", "string", "textwrap", "csv"]
+
+
+def pydoc_texts() -> list[str]:
+    """Plain-text documentation of a fixed list of standard-library modules (deterministic)."""
+    out = []
+    for name in PYDOC_MODULES:
+        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+        out += [line for line in text.splitlines() if line.strip()]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib", type=int, default=16)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine_header())
+    sm = acip.ScoreMap.load(Path(args.run_dir) / "score_map.safetensors")
+    base, tok = acip.load_base(sm.source["model"])
+    train, held = acip.data.kjv_split()
+    domains = {"KJV held-out": token_windows(tok, held, 256, args.windows),
+               "Python pydoc": token_windows(tok, pydoc_texts(), 256, args.windows)}
+    calib = token_windows(tok, train, 256, args.calib)
+    results: dict[str, dict[str, dict[float, float]]] = {d: {} for d in domains}
+    fp32 = {d: perplexity(base, tok, w, progress=False) for d, w in domains.items()}
+
+    for r in args.ratios:  # ACIP: real exports (LoRA folded), the model a user gets
+        small = acip.export(sm, r)
+        for d, w in domains.items():
+            results[d].setdefault("ACIP (quickstart run)", {})[r] = perplexity(small, tok, w, progress=False)
+        del small
+        print(f"ACIP {r}: " + ", ".join(f"{d} {results[d]['ACIP (quickstart run)'][r]:.4g}" for d in domains), flush=True)
+
+    plain = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32)
+    sv = acip.ScoreMap.from_singular_values(plain)
+    for d, w in domains.items():
+        results[d]["singular values"] = ratio_sweep(plain, sv, tok, w, args.ratios)
+    del plain
+    factors = calibrate_whitening(base, calib.split(4))
+    white = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32, whitening=factors)
+    aa = acip.ScoreMap.from_singular_values(white)
+    for d, w in domains.items():
+        results[d]["activation-aware (KJV calib)"] = ratio_sweep(white, aa, tok, w, args.ratios)
+
+    for d in domains:
+        print(f"\n### {d}: perplexity ({args.windows} windows x 256 tokens), fp32 = {fp32[d]:.2f}\n")
+        print(format_table(results[d], reference=fp32[d]))
+
+
+if __name__ == "__main__":
+    main()
