@@ -19,8 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -33,35 +31,14 @@ from torch import nn  # noqa: E402
 
 import acip  # noqa: E402
 from acip import quant  # noqa: E402
+from acip.eval.machine import machine_header  # noqa: E402
 
 LAMS = (3.9, 14.5, 58.0)
 KEEP: dict[str, nn.Module] = {}  # the lam=14.5 SmolLM2, reused by the decode table
 
 
 def header() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    vers = {"python": platform.python_version(), "torch": torch.__version__}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for mod in ("transformers", "constriction", "bitsandbytes", "hqq"):
-        try:
-            vers[mod] = version(mod)
-        except PackageNotFoundError:
-            vers[mod] = "absent"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    return (f"machine: {platform.machine()}, {cpu}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()} "
-            f"(shared with other jobs: timings are noisy)\n"
-            f"versions: {', '.join(f'{k} {v}' for k, v in vers.items())}, acip {commit}")
+    return machine_header(("transformers", "constriction", "bitsandbytes", "hqq", "acip"))
 
 
 def linear_params(model: nn.Module) -> int:

@@ -154,3 +154,14 @@ def test_export_errors(tiny_llama):
     assert acip.size_ratio(acip.export(orphan, 0.5, model=tiny_llama)) <= 0.5
     with pytest.raises(TypeError, match="ScoreMap"):
         acip.export("score_map.safetensors", 0.5)
+
+
+def test_size_report_counts_quantized_factors_as_parameters(tiny_llama):
+    from acip.quant import EntropyQuantConfig
+
+    sm = ScoreMap.from_singular_values(acip.parametrize(tiny_llama))
+    small = acip.export(sm, 0.5)
+    before = acip.size_report(small)
+    quantized = acip.export(sm, 0.5, quantize=EntropyQuantConfig(lam=3.9, max_iter=20))
+    after = acip.size_report(quantized)
+    assert after.target_params == before.target_params and after.total_params == before.total_params

@@ -39,6 +39,19 @@ class SizeReport:
         )
 
 
+def _stored_params(module: nn.Module) -> int:
+    """Parameters a module stands for. A quantized layer (duck-typed by ``n_params``, e.g.
+    ``acip.quant.EntQuantLinear``) keeps its weight as coded buffers; it counts its dense weight
+    elements, so ratios stay parameter ratios (bytes are ``acip.quant.report``'s job)."""
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "n_params") and not isinstance(m, nn.Linear):
+            n += int(m.n_params)
+        else:
+            n += sum(p.numel() for p in m.parameters(recurse=False))
+    return n
+
+
 def size_report(model: nn.Module) -> SizeReport:
     """Count the parameters of an exported model's target layers, from the tensors that exist.
 
@@ -51,10 +64,15 @@ def size_report(model: nn.Module) -> SizeReport:
             f"Export one with acip.export(score_map, ratio=...)."
         )
     top = {n: e for n, e in layout.items() if e.get("kind") in ("lowrank", "dense")}
-    target = sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in top)
+    target = sum(_stored_params(model.get_submodule(n)) for n in top)
     dense = sum(e["in_features"] * e["out_features"] + (e["out_features"] if e["bias"] else 0) for e in top.values())
     prefixes = tuple(n + "." for n in top)
     rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(prefixes))
+    rest += sum(  # quantized layers outside the targets: dense weight elements (bias already counted)
+        int(m.n_params) - sum(p.numel() for p in m.parameters(recurse=False))
+        for n, m in model.named_modules()
+        if hasattr(m, "n_params") and not isinstance(m, nn.Linear) and not (n + ".").startswith(prefixes)
+    )
     return SizeReport(target, dense, target + rest, dense + rest)
 
 
