@@ -55,7 +55,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine_header())
     bench_allocation()
 
