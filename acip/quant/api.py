@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.lowrank import LAYOUT_KEY
 from .codec import encode_codes
 from .config import EntropyQuantConfig
 from .module import _PENDING, KIND, EntQuantLinear, LRUWeightCache, build_from_entry, decode_into, decode_pending
@@ -14,7 +15,6 @@ from .optimize import quantize_weight
 
 __all__ = ["quantize_", "apply", "set_decode_mode", "target_linears", "quantized_layers", "decode_pending"]
 
-LAYOUT_KEY = "acip_layout"
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["ScoreMapRecorder", "score_digest", "with_scores"]
+__all__ = ["ScoreMapRecorder", "score_digest"]
 
 SCORE_MAP_FILE = "score_map.safetensors"
 ADAPTERS_DIR = "adapters"
@@ -33,12 +33,6 @@ def score_digest(scores: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(s.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def with_scores(sm: Any, scores: dict[str, torch.Tensor]) -> Any:
-    """A copy of score map ``sm`` (same layers and metadata) holding ``scores``."""
-    return type(sm)(scores, sm.shapes, sm.biases, method=sm.method, source=sm.source,
-                    stop_ratio=sm.stop_ratio, meta=sm.meta)
 
 
 class ScoreMapRecorder(pl.Callback):
@@ -67,7 +61,7 @@ class ScoreMapRecorder(pl.Callback):
                 meta={"adapters": ADAPTERS_DIR, **self.meta},
             )
             if self._restored is not None:
-                self.score_map = with_scores(self.score_map, self._restored).bind(pl_module.pm)
+                self.score_map.set_scores(self._restored)
                 self._restored = None
         return self.score_map
 
@@ -120,5 +114,5 @@ class ScoreMapRecorder(pl.Callback):
         if "scores" in state:
             self._restored = {n: torch.as_tensor(s) for n, s in state["scores"].items()}
             if self.score_map is not None and self.score_map.model is not None:
-                self.score_map = with_scores(self.score_map, self._restored).bind(self.score_map.model)
+                self.score_map.set_scores(self._restored)
                 self._restored = None
