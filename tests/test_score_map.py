@@ -37,6 +37,10 @@ def _brute_force(sm, ratio):
             ranks[names[li]] -= 1
             break
         n_fit += 1
+    for n in names:  # dense-stored layers (past break-even) keep all their directions for free
+        o, i = sm.shapes[n]
+        if ranks[n] * (i + o) > i * o:
+            ranks[n] = min(o, i)
     return ranks
 
 
@@ -71,6 +75,19 @@ def test_tie_break_is_deterministic():
     # at ratio 0.5 (64 params) layer a reaches rank 4 = its dense cost; ranks 5..8 then cost nothing
     assert sm.ranks_for(0.5) == {"a": 8, "b": 0}
     assert sm.keep_indices({"a": 2, "b": 0})["a"].tolist() == [0, 1]
+
+
+def test_dense_stored_layers_keep_every_direction():
+    # 8x8 layers: rank r costs 16r up to 64 = dense. Layer a's last three directions score below
+    # all of b's, so the prefix at ratio 0.7 (89.6 params) holds a0..a4 (64, a past break-even)
+    # and b0 (16). Stored dense, a keeps all 8 directions at the same cost.
+    scores = {"a": torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.01, 0.02, 0.03]),
+              "b": torch.linspace(0.5, 0.1, 8)}
+    sm = ScoreMap(scores, {"a": (8, 8), "b": (8, 8)}, {"a": False, "b": False}, method="t")
+    alloc = sm.allocator()
+    assert alloc.prefix_ranks(0.7) == {"a": 5, "b": 1}
+    assert sm.ranks_for(0.7) == {"a": 8, "b": 1}
+    assert sm.ranks_for(0.45) == alloc.prefix_ranks(0.45) == {"a": 3, "b": 0}  # below break-even
 
 
 def test_update_rule_by_hand():

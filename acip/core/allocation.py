@@ -12,6 +12,11 @@ adds ``cost_l(j+1) - cost_l(j) >= 0`` where ``j`` is its position inside its lay
 sum of these increments is computed once; the largest ``n`` with ``C(n) <= rho * C_dense`` is then
 one binary search, and the per-layer ranks one batched binary search over each layer's sorted
 global positions. This is exact: no other prefix of the order fits more entries.
+
+Dense lift: a layer whose prefix rank ``r`` passes its break-even point (``r * (in + out) > in * out``)
+is stored as a dense matrix, which costs ``in * out`` whatever its rank. Its remaining directions
+are then free, so :meth:`RankAllocator.ranks` returns the full rank ``k`` for it: the stored
+matrix is the whole (adapted) ``W`` instead of a rank-``r`` truncation of it, at the same cost.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ class RankAllocator:
     dense_cost: int  # sum of in*out (+ bias)
     positions: torch.Tensor  # (L, kmax) int64: global positions of each layer's entries, padded
     order_in_layer: list[torch.Tensor]  # per layer: indices sorted by descending score
+    full_rank: torch.Tensor  # (L,) int64: k_l = min(in_l, out_l)
+    dense_from: torch.Tensor  # (L,) int64: smallest r with r * (in_l + out_l) > in_l * out_l
 
     @classmethod
     def build(
@@ -82,19 +89,32 @@ class RankAllocator:
         order_tab[lid, j] = order - starts[lid]
         order_in_layer = [torch.from_numpy(order_tab[l, :c]) for l, c in enumerate(counts.tolist())]
         dense_total = int((ins * outs).sum()) + bias_cost
+        dense_from = (ins * outs) // (ins + outs) + 1
         return cls(list(names), torch.from_numpy(cum), bias_cost, dense_total,
-                   torch.from_numpy(positions), order_in_layer)
+                   torch.from_numpy(positions), order_in_layer, torch.from_numpy(counts),
+                   torch.from_numpy(dense_from))
 
     def prefix_length(self, ratio: float) -> int:
         """Largest ``n`` with ``C(n) <= ratio * C_dense``."""
         budget = torch.tensor([int(ratio * self.dense_cost + 1e-9)], dtype=torch.int64)
         return int(torch.searchsorted(self.cum_cost, budget, right=True)[0])
 
-    def ranks(self, ratio: float) -> dict[str, int]:
-        """Exact per-layer ranks of the longest prefix of the global order that fits ``ratio``."""
+    def prefix_ranks(self, ratio: float) -> dict[str, int]:
+        """Per-layer ranks of the longest prefix of the global order that fits ``ratio``."""
+        return dict(zip(self.names, self._prefix_ranks(ratio).tolist()))
+
+    def _prefix_ranks(self, ratio: float) -> torch.Tensor:
         n = self.prefix_length(ratio)
         q = torch.full((self.positions.shape[0], 1), n, dtype=torch.int64)
-        r = torch.searchsorted(self.positions, q).squeeze(1)
+        return torch.searchsorted(self.positions, q).squeeze(1)
+
+    def ranks(self, ratio: float) -> dict[str, int]:
+        """Exact per-layer ranks at ``ratio``: the prefix ranks, with dense-stored layers lifted to k.
+
+        Same cost as the prefix (a dense layer costs ``in * out`` at any rank), at least as good.
+        """
+        r = self._prefix_ranks(ratio)
+        r = torch.where(r >= self.dense_from, self.full_rank, r)
         return dict(zip(self.names, r.tolist()))
 
     def cost_of(self, n: int) -> int:
