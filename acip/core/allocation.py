@@ -20,6 +20,7 @@ matrix is the whole (adapted) ``W`` instead of a rank-``r`` truncation of it, at
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,13 +109,21 @@ class RankAllocator:
         q = torch.full((self.positions.shape[0], 1), n, dtype=torch.int64)
         return torch.searchsorted(self.positions, q).squeeze(1)
 
-    def ranks(self, ratio: float) -> dict[str, int]:
-        """Exact per-layer ranks at ``ratio``: the prefix ranks, with dense-stored layers lifted to k.
+    def ranks(self, ratio: float, lift: bool | Collection[str] = True) -> dict[str, int]:
+        """Exact per-layer ranks at ``ratio``: the prefix ranks, dense-stored layers lifted to k.
 
-        Same cost as the prefix (a dense layer costs ``in * out`` at any rank), at least as good.
+        ``lift`` names the layers that may be lifted (``True``: all, ``False``: none). Lifting costs
+        nothing (a dense layer costs ``in * out`` at any rank) and restores the exact original
+        ``W`` of an untuned layer. A layer whose LoRA adapter was trained with its low-score
+        directions pruned should not be lifted: the adapter already compensates for them.
         """
         r = self._prefix_ranks(ratio)
-        r = torch.where(r >= self.dense_from, self.full_rank, r)
+        if lift is True:
+            may = torch.ones(len(self.names), dtype=torch.bool)
+        else:
+            names = set(lift or ())
+            may = torch.tensor([n in names for n in self.names], dtype=torch.bool)
+        r = torch.where(may & (r >= self.dense_from), self.full_rank, r)
         return dict(zip(self.names, r.tolist()))
 
     def cost_of(self, n: int) -> int:

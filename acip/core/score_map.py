@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,10 +192,12 @@ class ScoreMap:
             )
         return self._alloc
 
-    def ranks_for(self, ratio: float, warn: bool = True) -> dict[str, int]:
+    def ranks_for(self, ratio: float, warn: bool = True, lift: bool | Collection[str] = True) -> dict[str, int]:
         """Exact per-layer ranks: the longest prefix of the global order whose cost fits ``ratio``.
 
-        Monotone in ``ratio``. Warns when ``ratio`` is below the ratio the run was trained down to
+        Layers in ``lift`` (default: all) that the prefix takes past their break-even rank are
+        stored dense and keep all their directions (see :meth:`RankAllocator.ranks`); pass
+        ``model.liftable_layers()`` for a parametrized model with trained adapters. Monotone in ``ratio``. Warns when ``ratio`` is below the ratio the run was trained down to
         (those directions were never scored by training: their order is a guess).
         """
         ratio = check_ratio(ratio)
@@ -206,7 +209,7 @@ class ScoreMap:
                 f"results there.",
                 stacklevel=2,
             )
-        return self.allocator().ranks(ratio)
+        return self.allocator().ranks(ratio, lift)
 
     def keep_indices(self, ranks: dict[str, int]) -> dict[str, torch.Tensor]:
         """Per layer, the indices of its ``r`` best-scored directions (sorted ascending)."""

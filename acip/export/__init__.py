@@ -2,7 +2,8 @@
 
 For each layer ``l`` the score map's exact allocation gives a rank ``r_l``; the layer keeps its
 ``r_l`` best-scored directions as two thin linears ``up(down(x))`` (``r*(in+out)`` params), or a
-dense ``W_r = up @ down`` when that is cheaper (``r*(in+out) > in*out``). LoRA adapters are folded
+dense matrix when that is cheaper (``r*(in+out) > in*out``); a dense layer without a trained adapter
+keeps all its directions (the original ``W``, at the same cost). LoRA adapters are folded
 in and re-truncated to exactly rank ``r_l`` (see :meth:`SVDLinear.factors`). The new model is built
 from a clean copy of the config (no quantization flag) plus an ``acip_layout`` entry, so it saves
 with ``save_pretrained`` and reloads with ``acip.load`` or ``AutoModel*.from_pretrained`` after
@@ -106,7 +107,7 @@ def export(
 
     ratio = check_ratio(ratio)
     pm = model_for(score_map, model)
-    ranks = score_map.ranks_for(ratio)
+    ranks = score_map.ranks_for(ratio, lift=pm.liftable_layers())
     keep = score_map.keep_indices(ranks)
     src = pm.model
     layers = pm.svd_layers()
