@@ -178,3 +178,56 @@ def test_nf4_hand_off_or_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r"bitsandbytes.*pip install"):
         quant.apply(_tiny(), "nf4")
+
+
+def _flip_byte(path: Path, tensor: str) -> None:
+    """Flip one byte in the middle of ``tensor``'s data inside a safetensors file."""
+    _, header = _safetensors_data_bytes(path)
+    lo, hi = header[tensor]["data_offsets"]
+    raw = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[start + (lo + hi) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_nf4_save_and_reload_round_trip(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [bench] extra")
+    from acip.quant.nf4 import NF4Linear
+
+    m = quant.apply(_tiny(), "nf4")
+    out = _logits(m)
+    assert m.config.acip_layout["model.layers.0.mlp.up_proj"]["kind"] == "nf4"
+    m.save_pretrained(tmp_path / "nf4")
+    data, header = _safetensors_data_bytes(tmp_path / "nf4" / "model.safetensors")
+    assert data == quant.report(m).total["model_bytes"]  # the file holds exactly the counted bytes
+    assert "model.layers.0.mlp.up_proj.qweight" in header
+    again = acip.load(tmp_path / "nf4")
+    layers = [mod for mod in again.modules() if isinstance(mod, NF4Linear)]
+    assert len(layers) == 14
+    assert torch.equal(_logits(again), out)  # same bytes, same bitsandbytes kernel
+    assert quant.report(again).total["bits"] == quant.report(m).total["bits"]
+    # loading in bf16 must not round the float quant state (stored as int32 bits)
+    half = acip.load(tmp_path / "nf4", dtype=torch.bfloat16)
+    a, b = m.model.layers[1].self_attn.o_proj, half.model.layers[1].self_attn.o_proj
+    sa, sb = a.stored_tensors(), b.stored_tensors()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert _rel(_logits(half).float(), out) < 0.05
+    # a corrupted byte is a checksum error naming the layer
+    _flip_byte(tmp_path / "nf4" / "model.safetensors", "model.layers.1.mlp.gate_proj.qweight")
+    with pytest.raises(ChecksumError, match="model.layers.1.mlp.gate_proj"):
+        _logits(acip.load(tmp_path / "nf4"))
+
+
+def test_nf4_export_of_lowrank_factors_reloads(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [bench] extra")
+    from acip.quant.nf4 import NF4Linear
+
+    base = _tiny(seed=4)
+    small = acip.export(acip.ScoreMap.from_singular_values(acip.parametrize(base)), ratio=0.9, quantize="nf4")
+    names = [n for n, mod in small.named_modules() if isinstance(mod, NF4Linear)]
+    assert any(n.endswith(".down") for n in names)  # factors with in_features % 64 == 0
+    out = _logits(small)
+    small.save_pretrained(tmp_path / "lr_nf4")
+    again = acip.load(tmp_path / "lr_nf4")
+    assert sorted(n for n, mod in again.named_modules() if isinstance(mod, NF4Linear)) == sorted(names)
+    assert torch.equal(_logits(again), out)

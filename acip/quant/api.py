@@ -127,4 +127,7 @@ def register_kinds() -> None:
     """Teach the layout hook (``acip.core.lowrank``) to rebuild quantized layers on load."""
     from acip.core.lowrank import register_module_kind
 
+    from .nf4 import KIND_NF4, build_nf4_from_entry
+
     register_module_kind(KIND, build_from_entry)
+    register_module_kind(KIND_NF4, build_nf4_from_entry)

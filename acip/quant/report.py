@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .module import EntQuantLinear
-from .nf4 import is_nf4, nf4_stored_bytes
+from .nf4 import NF4Linear, is_nf4, nf4_stored_bytes
 
 __all__ = ["QuantReport", "LayerRow", "report"]
 
@@ -95,12 +95,12 @@ def _tensor_bytes(t: Any) -> int:
 
 def _nf4_row(name: str, m: nn.Module) -> LayerRow:
     params = m.in_features * m.out_features
-    packed = _tensor_bytes(m.weight)
-    state = nf4_stored_bytes(m) - packed
+    stored = nf4_stored_bytes(m)
+    packed = int(m.stored_bytes()["stream"]) if isinstance(m, NF4Linear) else _tensor_bytes(m.weight)
     bias = 0 if m.bias is None else _tensor_bytes(m.bias)
     nan = float("nan")
-    return LayerRow(name, "nf4", "nf4", params, packed, state, 0, packed + state + bias,
-                    8.0 * (packed + state) / params, nan, 16, nan, None)
+    return LayerRow(name, "nf4", "nf4", params, packed, stored - packed, 0, stored + bias,
+                    8.0 * stored / params, nan, 16, nan, None)
 
 
 def report(model: nn.Module) -> QuantReport:
@@ -109,7 +109,7 @@ def report(model: nn.Module) -> QuantReport:
     for name, m in model.named_modules():
         if is_nf4(m):
             rows.append(_nf4_row(name, m))
-            seen.update(t.data_ptr() for t in m.parameters(recurse=False))
+            seen.update(t.data_ptr() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
             continue
         if not isinstance(m, EntQuantLinear):
             continue
