@@ -165,3 +165,45 @@ def test_size_report_counts_quantized_factors_as_parameters(tiny_llama):
     quantized = acip.export(sm, 0.5, quantize=EntropyQuantConfig(lam=3.9, max_iter=20))
     after = acip.size_report(quantized)
     assert after.target_params == before.target_params and after.total_params == before.total_params
+
+
+def test_dense_layers_keep_full_weight_unless_adapted(tiny_llama, tokens):
+    """Past break-even a layer is stored dense: untuned layers keep the exact original W, layers
+    with a trained adapter keep their truncation (the adapter compensates for the pruned part)."""
+    pm = acip.parametrize(tiny_llama, lora={"r": 2, "lora_alpha": 4})
+    names = list(pm.svd_layers())
+    adapted = set(names[::2])
+    with torch.no_grad():
+        for n, l in pm.svd_layers().items():
+            if n in adapted:
+                l.lora_B.normal_(std=0.05)
+    assert pm.liftable_layers() == set(names) - adapted
+    sm = ScoreMap.from_singular_values(pm)
+    alloc = sm.allocator()
+    ratio = next(r for r in (0.95, 0.9, 0.85, 0.8)
+                 if any(alloc.prefix_ranks(r)[n] < min(sm.shapes[n]) and alloc.prefix_ranks(r)[n] >= int(alloc.dense_from[i])
+                        for i, n in enumerate(sm.names) if n not in adapted)
+                 and any(alloc.prefix_ranks(r)[n] < min(sm.shapes[n]) and alloc.prefix_ranks(r)[n] >= int(alloc.dense_from[i])
+                         for i, n in enumerate(sm.names) if n in adapted))
+    prefix = alloc.prefix_ranks(ratio)
+    small = acip.export(sm, ratio)
+    lifted = kept = 0
+    for i, n in enumerate(sm.names):
+        l, k = pm.svd_layers()[n], min(sm.shapes[n])
+        if not prefix[n] >= int(alloc.dense_from[i]):
+            continue
+        w = small.get_submodule(n).weight
+        up, down = l.factors(torch.arange(k))
+        full = up @ down
+        if n in adapted:  # truncated to the prefix rank, adapter folded in
+            assert torch.linalg.matrix_rank(w.detach().double(), rtol=1e-5) == prefix[n] < k
+            kept += 1
+        else:  # the original weight, exactly
+            assert torch.allclose(w, full, atol=1e-5)
+            lifted += 1
+    assert lifted and kept
+    # prune() keeps the same directions (its forward differs: the adapter is not re-truncated)
+    ranks = pm.prune(ratio, sm)
+    assert ranks == sm.ranks_for(ratio, lift=pm.liftable_layers()) and ranks != prefix
+    assert pm.active_ranks() == ranks
+    pm.unprune()
