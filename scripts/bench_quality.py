@@ -1,12 +1,15 @@
 """Quality of a finished ACIP run against the no-training baselines, on two text domains.
 
     python scripts/bench_quality.py RUN_DIR [--windows 8] [--calib 16] [--ratios 0.9 0.8 0.7 0.6 0.5]
+                                           [--ceiling DIR_OF_bench_ceiling.py]
 
 Rows, all on the same windows: fp32; ACIP exports (``acip.export`` from the run's score map, LoRA
 folded); the singular-value score map; the activation-aware (SVD-LLM whitened) score map
 calibrated on KJV training windows. Domains: held-out KJV (the run trained on the first 90% of
 verses) and Python's own documentation (``pydoc`` text of standard-library modules), never used
-for training or calibration.
+for training or calibration. With ``--ceiling`` (the output of ``scripts/bench_ceiling.py``) the dense
+model with the run's LoRA tuning budget is one more row: the in-domain ceiling, evaluated with the
+adapters saved at the first step >= the run's step count (or the last one saved, said so).
 """
 from __future__ import annotations
 
@@ -36,6 +39,42 @@ def pydoc_texts() -> list[str]:
     return out
 
 
+def ceiling_adapters(ceiling_dir: Path, run_steps: int) -> tuple[Path, int]:
+    """The saved adapters at the first step >= ``run_steps`` (else the last saved, with its step)."""
+    saved = sorted(ceiling_dir.glob("adapters_*.safetensors"))
+    if not saved:
+        raise SystemExit(f"no adapters_*.safetensors in {ceiling_dir}; run scripts/bench_ceiling.py --out {ceiling_dir} first")
+    steps = [int(p.stem.split("_")[1]) for p in saved]
+    for p, st in zip(saved, steps):
+        if st >= run_steps:
+            return p, st
+    return saved[-1], steps[-1]
+
+
+def ceiling_model(base: torch.nn.Module, ceiling_dir: Path, run_steps: int) -> tuple[torch.nn.Module, str]:
+    """A copy of ``base`` with the dense-LoRA adapters of ``bench_ceiling.py`` loaded (all of them)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from bench_ceiling import lora_model
+
+    meta = json.loads((ceiling_dir / "ceiling.json").read_text())
+    path, step = ceiling_adapters(ceiling_dir, run_steps)
+    model = lora_model(copy.deepcopy(base), int(meta["r"]), float(meta["alpha"]))
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [k for k in params if params[k].requires_grad and k not in state]
+    if missing or any(k not in params for k in state):
+        raise SystemExit(f"{path} does not match the LoRA model (missing {missing[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+    model.eval()
+    note = "" if step >= run_steps else f", only {step} of {run_steps} steps"
+    return model, f"dense + LoRA ceiling ({step} steps{note})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
@@ -43,10 +82,14 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ceiling", type=Path, default=None, help="output dir of scripts/bench_ceiling.py")
+    ap.add_argument("--label", default=None, help="column name of the ACIP run (default: run dir name)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_header())
     sm = acip.ScoreMap.load(Path(args.run_dir) / "score_map.safetensors")
+    run_steps = int(sm.meta.get("global_step", 0))
+    label = f"ACIP ({args.label or Path(args.run_dir).name}, {run_steps} steps)"
     base, tok = acip.load_base(sm.source["model"])
     train, held = acip.data.kjv_split()
     domains = {"KJV held-out": token_windows(tok, held, 256, args.windows),
@@ -58,9 +101,16 @@ def main() -> None:
     for r in args.ratios:  # ACIP: real exports (LoRA folded), the model a user gets
         small = acip.export(sm, r)
         for d, w in domains.items():
-            results[d].setdefault("ACIP (quickstart run)", {})[r] = perplexity(small, tok, w, progress=False)
+            results[d].setdefault(label, {})[r] = perplexity(small, tok, w, progress=False)
         del small
-        print(f"ACIP {r}: " + ", ".join(f"{d} {results[d]['ACIP (quickstart run)'][r]:.4g}" for d in domains), flush=True)
+        print(f"ACIP {r}: " + ", ".join(f"{d} {results[d][label][r]:.4g}" for d in domains), flush=True)
+    if args.ceiling is not None:
+        ceil, name = ceiling_model(base, args.ceiling, run_steps)
+        for d, w in domains.items():  # uncompressed: one figure, shown in every ratio row
+            p = perplexity(ceil, tok, w, progress=False)
+            results[d][name] = {r: p for r in args.ratios}
+            print(f"{name}: {d} {p:.4g}", flush=True)
+        del ceil
 
     plain = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32)
     sv = acip.ScoreMap.from_singular_values(plain)

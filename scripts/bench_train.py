@@ -2,10 +2,13 @@
 
     python scripts/bench_train.py [--batch 4] [--seq-len 128] [--reps 5] [--threads 1]
 
-One training step = forward + backward (+ AdamW step on the trainable tensors). The dense model
-trains all its weights; the parametrized one trains masks + LoRA (r=8, as the quickstart), with
+One training step = forward + backward (+ AdamW step on the trainable tensors). Three dense
+references: all weights train (forward + backward + AdamW); the same without the optimiser step
+(forward + backward only); and the dense model with frozen weights and peft LoRA r=8 (the cost of
+plain LoRA tuning). The parametrized model trains masks + LoRA (r=8, as the quickstart), with
 directions pruned to each ratio by ``pm.prune`` (the forward then multiplies only active ranks).
-All rows come from one run, interleaved per repetition; medians are reported.
+All rows come from one run, interleaved per repetition; medians are reported, relative to the
+first dense reference.
 """
 from __future__ import annotations
 
@@ -20,13 +23,16 @@ import acip
 from acip.eval.machine import machine_header
 
 
-def step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, x: torch.Tensor) -> float:
+    """Seconds for forward + backward (+ ``opt.step()`` unless ``opt`` is None)."""
     t = time.perf_counter()
     loss = model(input_ids=x, labels=x, use_cache=False).loss
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
+    if opt is not None:
+        opt.step()
+    dt = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    return dt
 
 
 def main() -> None:
@@ -46,16 +52,23 @@ def main() -> None:
     dense = copy.deepcopy(model).train()
     for p in dense.parameters():
         p.requires_grad_(True)
+    from peft import LoraConfig, get_peft_model
+
+    dense_lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
+    opt_l = torch.optim.AdamW([p for p in dense_lora.parameters() if p.requires_grad], lr=0.0)
     pm = acip.parametrize(model, lora={"r": 8, "lora_alpha": 16}, svd_dtype=torch.float32)
     pm.train()
     opt_d = torch.optim.AdamW(dense.parameters(), lr=0.0)
     opt_p = torch.optim.AdamW(pm.trainable_parameters(), lr=0.0)  # lr 0: masks stay put
     sm = acip.ScoreMap.from_singular_values(pm)
-    rows: dict[str, list[float]] = {"dense": []} | {f"{r:.1f}": [] for r in args.ratios}
+    rows: dict[str, list[float]] = {"dense": [], "fwdbwd": [], "lora": []} | {f"{r:.1f}": [] for r in args.ratios}
     step(dense, opt_d, x)  # warm-up
+    step(dense_lora, opt_l, x)
     step(pm, opt_p, x)
     for _ in range(args.reps):
         rows["dense"].append(step(dense, opt_d, x))
+        rows["fwdbwd"].append(step(dense, None, x))
+        rows["lora"].append(step(dense_lora, opt_l, x))
         for r in args.ratios:
             pm.prune(r, sm)
             rows[f"{r:.1f}"].append(step(pm, opt_p, x))
@@ -64,6 +77,8 @@ def main() -> None:
     print(f"\n### Training step time, batch {args.batch} x {args.seq_len}, median of {args.reps} (same run)\n")
     print("| model | size ratio | step s | relative to dense |\n|---|---|---|---|")
     print(f"| dense (all weights train) | 1.00 | {med['dense']:.2f} | 1.00x |")
+    print(f"| dense, forward + backward only (no optimiser step) | 1.00 | {med['fwdbwd']:.2f} | {med['fwdbwd'] / med['dense']:.2f}x |")
+    print(f"| dense frozen + peft LoRA r=8 | 1.00 | {med['lora']:.2f} | {med['lora'] / med['dense']:.2f}x |")
     for r in args.ratios:
         k = f"{r:.1f}"
         print(f"| parametrized, masks + LoRA r=8 | {r:.2f} | {med[k]:.2f} | {med[k] / med['dense']:.2f}x |")
