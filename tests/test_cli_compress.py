@@ -22,7 +22,11 @@ def test_run_directory_holds_every_artifact_and_results_beat_nothing():
     assert (run / "plots/ratio_vs_ppl.png").read_bytes()[:4] == b"\x89PNG"
     res = json.loads((run / "results.json").read_text())
     assert res["reached_stop_ratio"] and res["final_size_ratio"] <= 0.5
-    assert set(res["ppl"]) == {"acip", "singular_values"}
+    assert set(res["ppl"]) == {"acip", "singular_values", "activation_aware"}
+    if "1" in res["ppl"]["acip"]:  # at full size both baselines are the untouched model
+        assert res["ppl"]["activation_aware"]["1"] == pytest.approx(res["ppl"]["singular_values"]["1"], rel=1e-4)
+    # the whitened basis orders directions differently: not a copy of the singular-value column
+    assert res["ppl"]["activation_aware"] != res["ppl"]["singular_values"]
     for method, by_ratio in res["measured_ratio"].items():
         assert list(by_ratio) == [f"{r:g}" for r in res["ratios"]]
         for r, measured in by_ratio.items():  # measured from the exported tensors, never above target

@@ -1,9 +1,12 @@
-"""Final evaluation: held-out perplexity at the test ratios, ACIP vs the singular-value baseline.
+"""Final evaluation: held-out perplexity at the test ratios, ACIP vs the no-training baselines.
 
 For each test ratio rho: ``acip.export(score_map, rho)`` from the score map in memory (bound to
 the trained model, LoRA folded in), and the same for ``ScoreMap.from_singular_values`` on the
 *untrained* weights (the LoRA factors are zeroed for the baseline, which makes the folded
-factors exactly ``U_r, S_r V_r^T``). Perplexity is measured on the same held-out windows; the
+factors exactly ``U_r, S_r V_r^T``). Optionally also the activation-aware baseline (SVD-LLM
+style): ``W L = U S V^T`` with ``L`` the Cholesky factor of ``X^T X`` of each layer's inputs on
+``calib_windows`` training windows, directions ranked by their singular values (see
+:mod:`acip.core.whiten`). Perplexity is measured on the same held-out windows; the
 ratio reported is the measured one of the exported model. Writes ``results.json`` and
 ``plots/*.png`` (rank 0), logs images, a table and ``final/ppl_<method>_r<100*rho>`` scalars.
 """
@@ -88,7 +91,8 @@ class FinalEvaluation(pl.Callback):
     def __init__(self, run_dir: str | Path, recorder: Any, tokenizer: Any, heldout_texts: Sequence[str],
                  ratios: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4), seq_len: int = 256,
                  max_windows: int | None = 40, baseline: bool = True, stopper: Any = None,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, calib_texts: Sequence[str] | None = None,
+                 calib_windows: int = 0) -> None:
         from acip.core.score_map import check_ratio
 
         self.run_dir, self.recorder, self.tokenizer = Path(run_dir), recorder, tokenizer
@@ -96,6 +100,10 @@ class FinalEvaluation(pl.Callback):
         self.ratios = sorted((check_ratio(r) for r in ratios), reverse=True)
         self.seq_len, self.max_windows, self.baseline = int(seq_len), max_windows, bool(baseline)
         self.stopper, self.extra = stopper, dict(extra or {})
+        if calib_windows < 0 or (calib_windows and not calib_texts):
+            raise ValueError(f"calib_windows={calib_windows} needs calibration texts (the training text); "
+                             f"pass calib_texts or set eval.activation_aware_windows=0")
+        self.calib_texts, self.calib_windows = list(calib_texts or []), int(calib_windows)
         self.results: dict[str, Any] | None = None
         self.t_start = time.time()
 
@@ -123,6 +131,12 @@ class FinalEvaluation(pl.Callback):
             maps["singular_values"] = ScoreMap.from_singular_values(pm)
         t0 = time.time()
         ev = evaluate_score_maps(maps, windows, self.ratios, pm)
+        if self.calib_windows:
+            white, aa = self.activation_aware(pm)
+            ev_aa = evaluate_score_maps({"activation_aware": aa}, windows, self.ratios, white)
+            del white
+            for key in ev:
+                ev[key].update(ev_aa[key])
         st = self.stopper
         results = {
             "ratios": self.ratios,
@@ -155,6 +169,22 @@ class FinalEvaluation(pl.Callback):
         print("\n[acip] held-out perplexity by size ratio (target layers)\n" + table, flush=True)
         self.log_results(trainer, ev, pngs)
         return results
+
+    def activation_aware(self, pm: Any) -> tuple[Any, Any]:
+        """(whitened parametrized copy of the untrained model, its singular-value score map)."""
+        import acip
+        from acip import ScoreMap
+        from acip.core.parametrize import parametrize_like
+        from acip.core.whiten import calibrate_whitening
+        from acip.eval.perplexity import token_windows
+
+        with lora_disabled(pm):  # full ratio, no adapters: exactly the original dense weights
+            dense = acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm)
+        calib = token_windows(self.tokenizer, self.calib_texts, self.seq_len, self.calib_windows)
+        factors = calibrate_whitening(dense, calib.split(4), target_modules=sorted(pm.svd_layers()))
+        settings = {k: v for k, v in pm.settings().items() if k != "lora"}
+        white = parametrize_like(dense, settings, factors)
+        return white, ScoreMap.from_singular_values(white)
 
     def log_results(self, trainer: pl.Trainer, ev: dict[str, Any], pngs: dict[str, Path]) -> None:
         """Scalars to every logger; images and a table to W&B."""
