@@ -11,6 +11,7 @@ from .core import (  # noqa: E402
     ScoreMap,
     ScoreMapError,
     SVDLinear,
+    activation_aware,
     install_layout_hook,
     parametrize,
     size_ratio,
@@ -29,5 +30,5 @@ if _ilu.find_spec("acip.quant") is not None:  # registers quantized module kinds
 
 __all__ = [
     "ACIPModel", "BUILTIN_MODELS", "LowRankLinear", "ScoreMap", "ScoreMapError", "SVDLinear",
-    "export", "load", "load_base", "parametrize", "size_ratio", "size_report", "__version__",
+    "activation_aware", "export", "load", "load_base", "parametrize", "size_ratio", "size_report", "__version__",
 ]

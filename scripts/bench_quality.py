@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 import acip
-from acip.core.whiten import calibrate_whitening
 from acip.eval import format_table, perplexity, ratio_sweep, token_windows
 from acip.eval.machine import machine_header
 
@@ -117,9 +116,8 @@ def main() -> None:
     for d, w in domains.items():
         results[d]["singular values"] = ratio_sweep(plain, sv, tok, w, args.ratios)
     del plain
-    factors = calibrate_whitening(base, calib.split(4))
-    white = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32, whitening=factors)
-    aa = acip.ScoreMap.from_singular_values(white)
+    aa = acip.activation_aware(base, calib.split(4))
+    white = aa.model
     for d, w in domains.items():
         results[d]["activation-aware (KJV calib)"] = ratio_sweep(white, aa, tok, w, args.ratios)
 

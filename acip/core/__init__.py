@@ -5,10 +5,11 @@ from .parametrize import ACIPModel, NoTargetLayersError, find_target_modules, pa
 from .score_map import ScoreMap, ScoreMapError, atomic_write, check_ratio
 from .size import SizeReport, size_ratio, size_report
 from .svd_linear import SVDLinear, rank_cost
+from .whiten import activation_aware
 
 __all__ = [
     "ACIPModel", "LAYOUT_KEY", "LowRankLinear", "NoTargetLayersError", "RankAllocator", "SVDLinear",
-    "ScoreMap", "ScoreMapError", "SizeReport", "apply_layout", "atomic_write", "check_ratio",
+    "ScoreMap", "ScoreMapError", "SizeReport", "activation_aware", "apply_layout", "atomic_write", "check_ratio",
     "find_target_modules", "install_layout_hook", "parametrize", "rank_cost", "register_module_kind",
     "size_ratio", "size_report",
 ]

@@ -13,7 +13,7 @@ the activation-aware baseline (scores ``s_j / ||s||_2`` of ``W L``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +22,10 @@ from torch import nn
 from .parametrize import find_target_modules
 from .score_map import atomic_write
 
-__all__ = ["calibrate_whitening", "save_whitening", "load_whitening"]
+if TYPE_CHECKING:
+    from .score_map import ScoreMap
+
+__all__ = ["activation_aware", "calibrate_whitening", "save_whitening", "load_whitening"]
 
 
 @torch.no_grad()
@@ -68,6 +71,32 @@ def calibrate_whitening(
         g = g + damp * g.diagonal().mean().clamp_min(1e-12) * eye
         out[n] = torch.linalg.cholesky(g).float()
     return out
+
+
+def activation_aware(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+    svd_dtype: torch.dtype = torch.float32,
+    damp: float = 1e-2,
+) -> "ScoreMap":
+    """The activation-aware baseline in one call: calibrate, parametrize ``W L``, rank by ``s_j``.
+
+    ``model`` is left untouched (a deep copy is parametrized). Returns a score map bound to the
+    whitened :class:`ACIPModel`, so ``acip.export(sm, ratio)`` and ``sm.save(path)`` (factors are
+    written beside it) work like for any other score map. ``batches`` yields ``input_ids``
+    tensors of training-domain text: quality outside that domain can collapse (docs/BENCHMARKS.md).
+    """
+    import copy
+
+    from .parametrize import parametrize
+    from .score_map import ScoreMap
+
+    factors = calibrate_whitening(model, batches, target_modules, exclude_modules, damp)
+    white = parametrize(copy.deepcopy(model), target_modules=sorted(factors), svd_dtype=svd_dtype,
+                        whitening=factors)
+    return ScoreMap.from_singular_values(white)  # method "activation_aware"
 
 
 def save_whitening(factors: dict[str, torch.Tensor], path: str | Path) -> Path:

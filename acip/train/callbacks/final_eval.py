@@ -174,17 +174,14 @@ class FinalEvaluation(pl.Callback):
         """(whitened parametrized copy of the untrained model, its singular-value score map)."""
         import acip
         from acip import ScoreMap
-        from acip.core.parametrize import parametrize_like
-        from acip.core.whiten import calibrate_whitening
         from acip.eval.perplexity import token_windows
 
         with lora_disabled(pm):  # full ratio, no adapters: exactly the original dense weights
             dense = acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm)
         calib = token_windows(self.tokenizer, self.calib_texts, self.seq_len, self.calib_windows)
-        factors = calibrate_whitening(dense, calib.split(4), target_modules=sorted(pm.svd_layers()))
-        settings = {k: v for k, v in pm.settings().items() if k != "lora"}
-        white = parametrize_like(dense, settings, factors)
-        return white, ScoreMap.from_singular_values(white)
+        sm = acip.activation_aware(dense, calib.split(4), target_modules=sorted(pm.svd_layers()),
+                                   svd_dtype=getattr(torch, pm.settings().get("svd_dtype", "float32")))
+        return sm.model, sm
 
     def log_results(self, trainer: pl.Trainer, ev: dict[str, Any], pngs: dict[str, Path]) -> None:
         """Scalars to every logger; images and a table to W&B."""
