@@ -64,8 +64,9 @@ def hqq_(model: nn.Module, nbits: int) -> tuple[nn.Module, int]:
     return model, stored
 
 
-def peers(base: nn.Module) -> list[tuple[str, Callable[[], tuple[nn.Module, float, float]]]]:
-    """(row name, thunk -> (model, bits/param, seconds to quantize))."""
+def peers(base: nn.Module, fmts: tuple[str, ...] = ("e4m3",), lams: tuple[float, ...] = LAMS,
+          with_peers: bool = True) -> list[tuple[str, Callable[[], tuple[nn.Module, float, float]]]]:
+    """(row name, thunk -> (model, bits/param, seconds to quantize)); fp32 always comes first."""
     params = linear_params(base)
 
     def fp32() -> tuple[nn.Module, float, float]:
@@ -84,28 +85,32 @@ def peers(base: nn.Module) -> list[tuple[str, Callable[[], tuple[nn.Module, floa
             return m, 8.0 * stored / params, time.perf_counter() - t
         return run
 
-    def ours(lam: float) -> Callable[[], tuple[nn.Module, float, float]]:
+    def ours(lam: float, fmt: str) -> Callable[[], tuple[nn.Module, float, float]]:
         def run() -> tuple[nn.Module, float, float]:
             t = time.perf_counter()
-            m = quant.quantize_(copy.deepcopy(base), quant.EntropyQuantConfig(lam=lam))
+            m = quant.quantize_(copy.deepcopy(base), quant.EntropyQuantConfig(lam=lam, fmt=fmt))
             sec = time.perf_counter() - t
             rep = quant.report(m)
-            if lam == 14.5 and "smollm2" not in KEEP and hasattr(m, "model") and hasattr(m.model, "layers"):
+            if lam == 14.5 and fmt == "e4m3" and "smollm2" not in KEEP and hasattr(m, "model") and hasattr(m.model, "layers"):
                 KEEP["smollm2"] = m
             if rep.fallbacks:
                 print(f"  fallbacks at lam={lam}: {rep.fallbacks}", flush=True)
             return m, rep.total["bits"], sec
         return run
 
-    out = [("fp32", fp32), ("bitsandbytes NF4 (double quant)", nf4)]
-    out += [(f"HQQ {b}-bit g64", hqq(b)) for b in (4, 3, 2)]
-    out += [(f"ours e4m3 lam={lam:g}", ours(lam)) for lam in LAMS]
+    out = [("fp32", fp32)]
+    if with_peers:
+        out += [("bitsandbytes NF4 (double quant)", nf4)]
+        out += [(f"HQQ {b}-bit g64", hqq(b)) for b in (4, 3, 2)]
+    out += [(f"ours {fmt} lam={lam:g}", ours(lam, fmt)) for fmt in fmts for lam in lams]
     return out
 
 
-def run_table(base: nn.Module, score: Callable[[nn.Module], float], metric: str, ref_name: str) -> list[dict]:
+def run_table(base: nn.Module, score: Callable[[nn.Module], float], metric: str, ref_name: str,
+              **rows_kw: Any) -> list[dict]:
+    """Every row of ``peers(base, **rows_kw)``, scored by ``score``, on the same data."""
     rows: list[dict[str, Any]] = []
-    for name, thunk in peers(base):
+    for name, thunk in peers(base, **rows_kw):
         try:
             model, bits, sec = thunk()
             val = score(model)
@@ -124,15 +129,16 @@ def run_table(base: nn.Module, score: Callable[[nn.Module], float], metric: str,
     return rows
 
 
-def smollm2_table(windows: int) -> tuple[list[dict], nn.Module, Any]:
+def smollm2_table(windows: int, **rows_kw: Any) -> tuple[list[dict], nn.Module, Any]:
     model, tok = acip.load_base("smollm2-135m")
     _, heldout = acip.data.kjv_split()
     ids = acip.eval.token_windows(tok, heldout, seq_len=256, max_windows=windows)
     ppl = lambda m: acip.eval.perplexity(m, tok, ids, progress=False)  # noqa: E731
-    return run_table(model, ppl, "ppl", "fp32"), model, tok
+    return run_table(model, ppl, "ppl", "fp32", **rows_kw), model, tok
 
 
-def minilm_table(n_verses: int) -> list[dict]:
+def minilm_table(n_verses: int, **rows_kw: Any) -> list[dict]:
+    """``n_verses`` last held-out KJV verses (0 = all of them)."""
     import importlib.util
 
     from transformers import AutoModel, AutoTokenizer
@@ -144,7 +150,7 @@ def minilm_table(n_verses: int) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     _, heldout = acip.data.kjv_split()
-    verses = heldout[-n_verses:]
+    verses = heldout[-n_verses:] if n_verses > 0 else list(heldout)
     batch = tok(verses, padding=True, truncation=True, max_length=128, return_tensors="pt")
 
     @torch.no_grad()
@@ -159,7 +165,7 @@ def minilm_table(n_verses: int) -> list[dict]:
 
     ref = embed(model)
     cos = lambda m: float((embed(m) * ref).sum(-1).mean())  # noqa: E731
-    return run_table(model, cos, "cos", "fp32")
+    return run_table(model, cos, "cos", "fp32", **rows_kw)
 
 
 def pareto_table(model: nn.Module, tok: Any, windows: int, ratios: tuple[float, ...], lams: tuple[float, ...]) -> list[dict]:
@@ -222,23 +228,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tables", default="smollm2,minilm,pareto,decode")
     ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--verses", type=int, default=512)
+    ap.add_argument("--verses", type=int, default=512, help="MiniLM: last N held-out verses (0 = all)")
+    ap.add_argument("--fmts", default="e4m3", help="code formats of our rows, e.g. e4m3,int8")
+    ap.add_argument("--lams", default=",".join(f"{x:g}" for x in LAMS), help="lam values of our rows")
+    ap.add_argument("--no-peers", action="store_true", help="only fp32 and our rows (no NF4/HQQ)")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = ap.parse_args()
     tables = set(args.tables.split(","))
+    fmts = tuple(f.strip() for f in args.fmts.split(",") if f.strip())
+    for f in fmts:
+        quant.EntropyQuantConfig(fmt=f)  # validates the name before hours of work
+    try:
+        lams = tuple(float(x) for x in args.lams.split(","))
+    except ValueError:
+        ap.error(f"--lams must be comma-separated numbers, got {args.lams!r}")
+    rows_kw = dict(fmts=fmts, lams=lams, with_peers=not args.no_peers)
     print(header(), flush=True)
     print(f"command: python {' '.join(sys.argv)}", flush=True)
     res: dict[str, Any] = {"header": header()}
     model = tok = None
     if "smollm2" in tables:
         print("\n## SmolLM2-135M, held-out KJV perplexity", flush=True)
-        res["smollm2"], model, tok = smollm2_table(args.windows)
+        res["smollm2"], model, tok = smollm2_table(args.windows, **rows_kw)
         print(md(res["smollm2"], [("method", "method", "{}"), ("bits", "bits/param", "{:.3f}"),
                                   ("ppl", "KJV ppl", "{:.2f}"), ("vs_fp32", "x fp32", "{:.3f}"),
                                   ("quantize_s", "quantize s", "{:.0f}")]), flush=True)
     if "minilm" in tables:
         print("\n## all-MiniLM-L6-v2, cosine similarity to fp32 embeddings", flush=True)
-        res["minilm"] = minilm_table(args.verses)
+        res["minilm"] = minilm_table(args.verses, **rows_kw)
         print(md(res["minilm"], [("method", "method", "{}"), ("bits", "bits/param", "{:.3f}"),
                                  ("cos", "cosine to fp32", "{:.4f}"), ("quantize_s", "quantize s", "{:.1f}")]), flush=True)
     if model is None and ("pareto" in tables or "decode" in tables):

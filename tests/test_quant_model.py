@@ -102,7 +102,14 @@ def test_lazy_mode_keeps_streams_coded_and_matches(saved: dict) -> None:
     assert all(m._weight is None for m in layers)
     assert torch.equal(_logits(again), saved["out"])
     cache = next(iter(layers)).cache
-    assert len(cache) == 2 and cache.decodes == 14
+    # each miss decodes the layer and the next one in a single lockstep pass
+    assert len(cache) == 2 and cache.decodes == 14 and cache.passes == 7
+    quant.set_decode_mode(again, "lazy", cache_layers=0)  # no cache: one pass per layer use
+    assert torch.equal(_logits(again), saved["out"])
+    cache0 = next(iter(layers)).cache
+    assert len(cache0) == 0 and cache0.decodes == 14 and cache0.passes == 14
+    with pytest.raises(ValueError, match="cache_layers must be an int >= 0"):
+        quant.set_decode_mode(again, "lazy", cache_layers=-1)
     quant.set_decode_mode(again, "eager")
     assert all(m._weight is not None for m in layers)
     with pytest.raises(ValueError, match="'eager' or 'lazy'"):

@@ -105,7 +105,9 @@ def apply(model: nn.Module, spec: Any) -> nn.Module:
 def set_decode_mode(model: nn.Module, mode: str = "eager", cache_layers: int = 2) -> nn.Module:
     """``"eager"``: decode every quantized layer now (one batched call) and keep fp32 weights.
     ``"lazy"``: keep only the coded streams; decode a layer just before its forward, keeping the
-    ``cache_layers`` most recently used weights (an LRU cache shared by the model's layers)."""
+    ``cache_layers`` most recently used weights (an LRU cache shared by the model's layers).
+    A miss decodes that layer and the next ``cache_layers - 1`` in one lockstep pass, so a
+    larger cache also means fewer, cheaper-per-layer decode passes (see ``LRUWeightCache``)."""
     if mode not in ("eager", "lazy"):
         raise ValueError(f"decode mode must be 'eager' or 'lazy', got {mode!r}")
     if isinstance(cache_layers, bool) or not isinstance(cache_layers, int) or cache_layers < 0:
@@ -113,6 +115,7 @@ def set_decode_mode(model: nn.Module, mode: str = "eager", cache_layers: int = 2
     layers = list(quantized_layers(model).values())
     if mode == "lazy":
         cache = LRUWeightCache(cache_layers)
+        cache.set_order(layers)
         for m in layers:
             m.set_mode("lazy", cache)
             _PENDING.discard(m)

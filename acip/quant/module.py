@@ -23,7 +23,7 @@ from torch import nn
 from .codec import ChecksumError, EncodedTensor, decode_many
 from .optimize import QuantResult, dequantize
 
-__all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending"]
+__all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending", "decode_weights"]
 
 KIND = "entquant"
 _PENDING: "weakref.WeakSet[EntQuantLinear]" = weakref.WeakSet()  # loaded, eager, not decoded yet
@@ -36,37 +36,70 @@ def decode_pending() -> int:
                         and m.codes_stream.device.type != "meta"])
 
 
+def decode_weights(layers: "list[EntQuantLinear]") -> list[torch.Tensor]:
+    """fp32 weights of ``layers`` from one batched codec call (all rANS streams in lockstep)."""
+    codes = decode_many([m.encoded() for m in layers])
+    return [m.dequantize_codes(c) for m, c in zip(layers, codes)]
+
+
 def decode_into(layers: "list[EntQuantLinear]") -> int:
     """Decode ``layers`` in one batched codec call and keep their fp32 weights."""
     if not layers:
         return 0
-    codes = decode_many([m.encoded() for m in layers])
-    for m, c in zip(layers, codes):
-        m._weight = m.dequantize_codes(c)
+    for m, w in zip(layers, decode_weights(layers)):
+        m._weight = w
         _PENDING.discard(m)
     return len(layers)
 
 
 class LRUWeightCache:
-    """Keeps the decoded weights of the ``size`` most recently used layers."""
+    """Keeps the decoded weights of the ``size`` most recently used layers.
+
+    On a miss the layer is decoded together with the next ``size - 1`` uncached layers in
+    model order (``set_order``), in one lockstep rANS pass: a pass costs about as much for one
+    tensor as for several (its step count is the stream length, not the tensor size), so a
+    forward pass runs ``~layers / size`` passes instead of one per layer. ``decodes`` counts
+    decoded layers, ``passes`` codec calls.
+    """
 
     def __init__(self, size: int = 2) -> None:
-        self.size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"cache size must be an int >= 0, got {size!r}")
+        self.size = size
         self._items: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._order: list[EntQuantLinear] = []
+        self._pos: dict[int, int] = {}
         self.decodes = 0
+        self.passes = 0
+
+    def set_order(self, layers: "list[EntQuantLinear]") -> None:
+        """The order in which the forward pass uses the layers (module order)."""
+        self._order = list(layers)
+        self._pos = {id(m): i for i, m in enumerate(self._order)}
 
     def get(self, layer: "EntQuantLinear") -> torch.Tensor:
         key = id(layer)
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        w = layer.decode()
-        self.decodes += 1
+        batch = [layer]
+        if self.size > 1 and key in self._pos:
+            for nxt in self._order[self._pos[key] + 1:]:
+                if len(batch) >= self.size:
+                    break
+                if id(nxt) not in self._items:
+                    batch.append(nxt)
+        weights = decode_weights(batch)
+        self.decodes += len(batch)
+        self.passes += 1
         if self.size > 0:
-            self._items[key] = w
+            for m, w in zip(batch, weights):
+                self._items[id(m)] = w
+                self._items.move_to_end(id(m))
+            self._items.move_to_end(key)  # the layer in use now is the most recent
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return w
+        return weights[0]
 
     def __len__(self) -> int:
         return len(self._items)

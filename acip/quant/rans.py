@@ -28,10 +28,12 @@ stream: the 4-byte state, of which ~1 byte carries data on average (~0.25% at 40
 ~3 bits per stream).
 
 The decoder runs all streams of many tensors at once (``rans_decode_many``): the Python loop is
-over lockstep steps only; each step is ~15-20 int32/int64 tensor ops over the active streams,
-so the same code runs on a GPU. Decode a whole model in one call: one tensor alone gives too
-few streams to amortise the per-op cost. Tensors with one symbol value (or none) have an empty
-payload.
+over lockstep steps only; each step is ~19 int32 tensor ops over the active streams (four
+gathers: symbol table, frequency table, per-tensor word base, words; one prefix sum), so the
+same code runs on a GPU. Per tensor it keeps a uint8 slot -> symbol table (4 KiB) and an int32
+symbol -> (f, cum) table (1 KiB), small enough for the CPU caches with hundreds of tensors.
+Decode a whole model in one call: one tensor alone gives too few streams to amortise the
+per-op cost. Tensors with one symbol value (or none) have an empty payload.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ SYMBOLS_PER_STREAM: int = 4096
 """Default stream length (auto ``n_streams = ceil(n / SYMBOLS_PER_STREAM)``): longer streams cost
 fewer state bytes, shorter ones give more lockstep width (see docs/BENCHMARKS.md)."""
 FORMAT: str = "acip-rans32x16"
-_FLUSH_STEPS = 128  # rows buffered before conversion to uint8, and steps between bound checks
 
 __all__ = [
     "PROB_BITS", "quantize_freqs", "rans_encode", "rans_encode_many", "rans_decode",
@@ -205,12 +206,16 @@ def rans_encode_many(
     return res  # type: ignore[return-value]
 
 
-def _packed_table(f: np.ndarray) -> np.ndarray:
-    """int32[M]: ``sym << 24 | (slot - cum[sym]) << 12 | f[sym]`` for every slot (f < M)."""
-    s = np.repeat(np.arange(256, dtype=np.int64), f)
-    cum = np.concatenate([[0], np.cumsum(f)[:-1]])
-    bias = np.arange(M, dtype=np.int64) - cum[s]
-    return ((s << 24) | (bias << PROB_BITS) | f[s]).astype(np.uint32).view(np.int32)
+def _tables(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode tables of one item: ``sym`` (uint8[M], the symbol of every slot) and ``fc``
+    (int32[256]: ``f[s] | -cum[s] << 12``, so ``fc & (M-1) = f`` and ``fc >> 12 = -cum``).
+
+    Two small tables (4 KiB + 1 KiB per tensor) instead of one packed int32[M] entry per slot
+    (16 KiB): the lockstep gathers hit the CPU caches far more often for many tensors.
+    """
+    cum = np.concatenate([[0], np.cumsum(f)[:-1]]).astype(np.int64)
+    sym = np.repeat(np.arange(256, dtype=np.uint8), f)
+    return sym, (f.astype(np.int64) | (-cum << PROB_BITS)).astype(np.int32)
 
 
 def _parse(payload: Any, meta: dict, freqs: np.ndarray, n_symbols: int, i: int) -> dict:
@@ -246,7 +251,7 @@ def _parse(payload: Any, meta: dict, freqs: np.ndarray, n_symbols: int, i: int) 
     if ((states < STATE_LO) | (states >= STATE_LO << WORD_BITS)).any():
         raise ValueError(f"{where}initial stream state out of range: corrupted payload")
     S = -(-n // N)
-    return {"n": n, "N": N, "S": S, "r": n - (S - 1) * N, "f": f, "W": W,
+    return {"n": n, "N": N, "S": S, "r": n - (S - 1) * N, "f": f, "W": W, "i": i,
             "states": states, "words": buf[4 * N:].view("<u2")}
 
 
@@ -293,106 +298,150 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
     if not coded:
         return out  # type: ignore[return-value]
     coded.sort(key=lambda i: -parsed[i]["S"])  # active streams (and items) form a prefix
-    G = len(coded)
-    cols = np.cumsum([0] + [parsed[i]["N"] for i in coded])
-    wst = np.cumsum([0] + [parsed[i]["W"] for i in coded])
-    n_tot, w_tot, s_max = int(cols[-1]), int(wst[-1]), parsed[coded[0]]["S"]
-    ends: dict[int, list[tuple[int, int, bool]]] = {}  # step -> stream ranges finishing there
-    act, gact = np.zeros(s_max, np.int64), np.zeros(s_max, np.int64)
+    plan = _Plan([parsed[i] for i in coded], dev)
+    bufs = plan.run()
     for g, i in enumerate(coded):
-        N, S, r = parsed[i]["N"], parsed[i]["S"], parsed[i]["r"]
-        ends.setdefault(S - 1, []).append((int(cols[g]), int(cols[g]) + r, False))
-        if r < N:  # short streams end one step early; park them at a state that never reads
-            ends.setdefault(S - 2, []).append((int(cols[g]) + r, int(cols[g + 1]), True))
-        act[:S] += N
-        gact[:S] += 1
-    i32 = dict(dtype=torch.int32, device=dev)
-
-    def cat(arrs: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(arrs).astype(np.int32)).to(dev)
-
-    table = torch.from_numpy(np.concatenate([_packed_table(parsed[i]["f"]) for i in coded]))
-    table = table.to(dev)
-    K = min(_FLUSH_STEPS, s_max)
-    # word 0 is a guard; the tail guard absorbs reads of non-reading streams and, for a corrupt
-    # payload, up to K steps of over-reading between two bound checks (no clamp in the loop)
-    wbuf = torch.empty(1 + w_tot + (K + 1) * n_tot, **i32)
-    wbuf[0] = 0
-    wbuf[1 + w_tot:] = 0
-    if w_tot:
-        wbuf[1: 1 + w_tot] = cat([parsed[i]["words"] for i in coded])
-    x = cat([parsed[i]["states"] for i in coded])
-    gid = cat([np.full(parsed[i]["N"], g) for g, i in enumerate(coded)])
-    tof = gid * M
-    base = torch.from_numpy(wst[:-1].astype(np.int64)).to(dev)  # position of last word read
-    bounds = torch.from_numpy(cols.astype(np.int64)).to(dev)
-    c = {k: torch.tensor(v, **i32) for k, v in
-         dict(mask=M - 1, p=PROB_BITS, lo=STATE_LO, s31=31, park=1 << 30).items()}
-    x_end = torch.empty_like(x)
-    res = torch.empty((s_max, n_tot), dtype=torch.uint8, device=dev)
-    ebuf = torch.empty((K, n_tot), **i32)
-    if sys.byteorder != "little":
-        raise RuntimeError("the rANS decoder assumes a little-endian host")
-    ebytes = ebuf.view(torch.uint8).view(K, n_tot, 4)
-    # nc[0] = 0; nc[k+1] = -(number of reads in 0..k); int64 (torch's int32 cumsum is slower)
-    nc = torch.zeros(n_tot + 1, dtype=torch.int64, device=dev)
-    pbuf = torch.empty(n_tot, dtype=torch.int64, device=dev)
-    bufs = [torch.empty(n_tot, **i32) for _ in range(4)]
-    views: dict[int, tuple[Any, ...]] = {}
-    t0 = 0
-    for t in range(s_max):
-        a, ga = int(act[t]), int(gact[t])
-        if a not in views:
-            views[a] = (x[:a], tof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
-                        bounds[: ga + 1], [row[:a] for row in ebuf], pbuf[:a],
-                        *(b[:a] for b in bufs))
-        xa, ta, ga_id, nca, nc_a, ba, bd, erows, pa, b1, b2, b3, b4 = views[a]
-        slot = torch.bitwise_and(xa, c["mask"], out=b1)
-        if G > 1:
-            slot.add_(ta)
-        e = torch.index_select(table, 0, slot, out=erows[t - t0])
-        fv = torch.bitwise_and(e, c["mask"], out=b2)
-        bv = torch.bitwise_right_shift(e, c["p"], out=b3).bitwise_and_(c["mask"])
-        xa.bitwise_right_shift_(c["p"])
-        torch.addcmul(bv, fv, xa, out=xa)  # x = f * (x >> P) + slot - cum
-        m = torch.sub(xa, c["lo"], out=b4).bitwise_right_shift_(c["s31"])  # -1 where x < L
-        torch.cumsum(m, 0, out=nca)
-        if G > 1:  # per item: last word read + reads up to and including this stream
-            nb = torch.index_select(nc, 0, bd)
-            d = torch.add(ba, nb[:-1])
-            ba.add_(nb[:-1]).sub_(nb[1:])
-            pos = torch.index_select(d, 0, ga_id, out=pa).sub_(nca)
-        else:
-            pos = torch.sub(ba, nca, out=pa)
-            ba.sub_(nc_a)
-        w = torch.index_select(wbuf, 0, pos, out=b2)
-        # readers (x < L < 2**16) get x * 2**16 + w; the int32 product may wrap for the others,
-        # whose m is 0, so it is discarded
-        torch.addcmul(xa, m, torch.add(w, xa, alpha=(1 << WORD_BITS) - 1, out=b3), value=-1,
-                      out=xa)
-        for lo, hi, park in ends.get(t, ()):
-            x_end[lo:hi] = x[lo:hi]
-            if park:
-                x[lo:hi] = c["park"]
-        if t - t0 + 1 == K or t == s_max - 1:
-            res[t0: t + 1].copy_(ebytes[: t + 1 - t0, :, 3])  # top byte = symbol
-            t0 = t + 1
-            if int(base.max()) > w_tot:
-                raise ValueError("rANS streams read past the end of their words: corrupted "
-                                 "payload or wrong freqs")
-    bad_w = (base != torch.from_numpy(wst[1:].astype(np.int64)).to(dev)).tolist()
-    bad = (x_end != STATE_LO).to(torch.int32)
-    for g, i in enumerate(coded):
-        lo, hi = int(cols[g]), int(cols[g + 1])
-        nb = int(bad[lo:hi].sum())
-        if nb or bad_w[g]:
-            raise ValueError(f"item {i}: {nb} of {hi - lo} rANS streams failed the end-of-stream "
-                             f"check (words consumed ok: {not bad_w[g]}): corrupted payload or "
-                             "wrong freqs")
-        S, n = parsed[i]["S"], parsed[i]["n"]
-        blk = res[:S, lo:hi]
-        out[i] = (blk.reshape(-1) if hi - lo == n_tot else blk.contiguous().view(-1))[:n]
+        out[i] = bufs[g][: parsed[i]["n"]]
     return out  # type: ignore[return-value]
+
+
+class _Plan:
+    """One lockstep decode of several coded items (all tensors on ``dev``).
+
+    Per step ``t``, over the ``a`` active streams (a prefix: items are sorted by steps):
+
+    1. ``slot = x & (M-1)``; ``s = sym[item * M + slot]`` (gathered straight into a uint8
+       staging row), ``fc = fctab[item * 256 + s]``;
+    2. ``x = f * (x >> P) + slot - cum`` with ``f = fc & (M-1)``, ``-cum = fc >> P``;
+    3. ``m = (x - L) >> 31`` is -1 for the streams that need a word; ``-cumsum(m)`` numbers them
+       within the step, the per-item word counter ``base`` turns that into each stream's word
+       position (one gather broadcasts ``base`` when there are several items), one gather
+       reads the words;
+    4. readers get ``x = x * 2**16 + w``, i.e. ``x - m * (w + (2**16 - 1) x)``.
+
+    ~19 torch calls per step, all into preallocated buffers (int32 wherever the word count
+    allows). Every ``K`` steps the staging block is copied to each item's output (``S x N``
+    row-major: symbol ``t*N + k`` is stream ``k``'s ``t``-th).
+    """
+
+    def __init__(self, its: list[dict], dev: torch.device) -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("the rANS decoder assumes a little-endian host")
+        self.its, self.dev = its, dev
+        self.G = G = len(its)
+        self.cols = np.cumsum([0] + [it["N"] for it in its])
+        self.wst = np.cumsum([0] + [it["W"] for it in its])
+        self.n_tot, self.w_tot, self.s_max = int(self.cols[-1]), int(self.wst[-1]), its[0]["S"]
+        # step -> stream ranges finishing there; short streams end one step early and are
+        # parked at a state that never reads
+        self.ends: dict[int, list[tuple[int, int, bool]]] = {}
+        self.act = np.zeros(self.s_max, np.int64)
+        self.gact = np.zeros(self.s_max, np.int64)
+        for g, it in enumerate(its):
+            lo, hi, S, r = int(self.cols[g]), int(self.cols[g + 1]), it["S"], it["r"]
+            self.ends.setdefault(S - 1, []).append((lo, lo + r, False))
+            if r < it["N"]:
+                self.ends.setdefault(S - 2, []).append((lo + r, hi, True))
+            self.act[:S] += it["N"]
+            self.gact[:S] += 1
+        # staging rows between copies to the outputs: more items, fewer (per-item) copies
+        self.K = min(self.s_max, 128 if G <= 256 else 512)
+        self.wbuf_len = 1 + self.w_tot + (self.K + 1) * self.n_tot
+        self.idx_dtype = torch.int32 if self.wbuf_len < 2**31 - 1 else torch.int64
+
+    def _words(self) -> torch.Tensor:
+        """int32 word buffer: a zero guard, every item's words, and a zero tail that absorbs
+        non-reading streams and up to ``K`` steps of over-reading by a corrupt payload."""
+        host = np.empty(self.wbuf_len, dtype=np.int32)
+        host[0] = 0
+        host[1 + self.w_tot:] = 0
+        for g, it in enumerate(self.its):
+            host[1 + self.wst[g]: 1 + self.wst[g + 1]] = it["words"]
+        return torch.from_numpy(host).to(self.dev)
+
+    def _host(self, arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(device=self.dev, dtype=dtype)
+
+    def run(self) -> list[torch.Tensor]:
+        its, dev, G, K, cols = self.its, self.dev, self.G, self.K, self.cols
+        i32, ix = dict(dtype=torch.int32, device=dev), dict(dtype=self.idx_dtype, device=dev)
+        tabs = [_tables(it["f"]) for it in its]
+        symtab = self._host(np.concatenate([t[0] for t in tabs]), torch.uint8)
+        fctab = self._host(np.concatenate([t[1] for t in tabs]), torch.int32)
+        wbuf = self._words()
+        x = self._host(np.concatenate([it["states"] for it in its]).astype(np.int32), torch.int32)
+        gid_np = np.repeat(np.arange(G, dtype=np.int64), np.diff(cols))
+        gid = self._host(gid_np, self.idx_dtype)
+        tof = self._host(gid_np * M, torch.int32)  # item offset into symtab
+        gof = self._host(gid_np * 256, torch.int32)  # item offset into fctab
+        base = self._host(self.wst[:-1], self.idx_dtype)  # per item: position of last word read
+        bounds = self._host(cols, torch.int64)
+        c = {k: torch.tensor(v, **i32) for k, v in
+             dict(mask=M - 1, p=PROB_BITS, lo=STATE_LO, s31=31, park=1 << 30).items()}
+        x_end = torch.empty_like(x)
+        outs = [torch.empty(it["S"] * it["N"], dtype=torch.uint8, device=dev) for it in its]
+        grid = [o.view(it["S"], it["N"]) for o, it in zip(outs, its)]
+        stage = torch.empty((K, self.n_tot), dtype=torch.uint8, device=dev)
+        # nc[0] = 0; nc[k+1] = -(number of reads in 0..k) over all active streams
+        nc = torch.zeros(self.n_tot + 1, **ix)
+        pbuf, dbuf = torch.empty(self.n_tot, **ix), torch.empty(G, **ix)
+        b1, b2, b3 = (torch.empty(self.n_tot, **i32) for _ in range(3))
+        views: dict[int, tuple[Any, ...]] = {}
+        t0 = 0
+        for t in range(self.s_max):
+            a, ga = int(self.act[t]), int(self.gact[t])
+            if a not in views:
+                views[a] = (x[:a], tof[:a], gof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
+                            bounds[: ga + 1], pbuf[:a], dbuf[:ga], b1[:a], b2[:a], b3[:a], stage[:, :a])
+            xa, ta, go, gi, nca, nc_a, ba, bd, pa, da, v1, v2, v3, st = views[a]
+            slot = torch.bitwise_and(xa, c["mask"], out=v1)
+            idx = torch.bitwise_or(slot, ta, out=v2) if G > 1 else slot
+            s = torch.index_select(symtab, 0, idx, out=st[t - t0])  # the decoded symbols
+            e = torch.index_select(fctab, 0, torch.add(go, s, out=v2), out=v3)
+            slot.add_(torch.bitwise_right_shift(e, c["p"], out=v2))  # slot - cum
+            e.bitwise_and_(c["mask"])  # f
+            xa.bitwise_right_shift_(c["p"])
+            torch.addcmul(slot, e, xa, out=xa)  # x = f * (x >> P) + slot - cum
+            m = torch.sub(xa, c["lo"], out=v1).bitwise_right_shift_(c["s31"])  # -1 where x < L
+            torch.cumsum(m, 0, out=nca)
+            if G > 1:  # per item: last word read + reads up to and including this stream
+                nb = torch.index_select(nc, 0, bd)
+                d = torch.add(ba, nb[:-1], out=da)
+                torch.sub(d, nb[1:], out=ba)
+                pos = torch.index_select(d, 0, gi, out=pa).sub_(nca)
+            else:
+                pos = torch.sub(ba, nca, out=pa)
+                ba.sub_(nc_a)
+            w = torch.index_select(wbuf, 0, pos, out=v2)
+            # readers (x < L < 2**16) get x * 2**16 + w; the int32 product may wrap for the
+            # others, whose m is 0, so it is discarded
+            torch.addcmul(xa, m, torch.add(w, xa, alpha=(1 << WORD_BITS) - 1, out=v3), value=-1, out=xa)
+            for lo, hi, park in self.ends.get(t, ()):
+                x_end[lo:hi] = x[lo:hi]
+                if park:
+                    x[lo:hi] = c["park"]
+            if t - t0 + 1 == K or t == self.s_max - 1:
+                for g in range(int(self.gact[t0])):  # items active at any step since t0
+                    rows = min(t + 1, its[g]["S"]) - t0
+                    if rows > 0:
+                        grid[g][t0: t0 + rows].copy_(stage[:rows, int(cols[g]): int(cols[g + 1])])
+                t0 = t + 1
+                if int(base.max()) > self.w_tot:
+                    raise ValueError("rANS streams read past the end of their words: corrupted "
+                                     "payload or wrong freqs")
+        self._check_ends(base, x_end)
+        return outs
+
+    def _check_ends(self, base: torch.Tensor, x_end: torch.Tensor) -> None:
+        """Every stream must end at ``x == L`` with its item's words consumed exactly."""
+        bad_w = (base.cpu().numpy() != self.wst[1:]).tolist()
+        bad = np.add.reduceat((x_end != STATE_LO).cpu().numpy().astype(np.int64), self.cols[:-1])
+        for g, (nb, bw) in enumerate(zip(bad.tolist(), bad_w)):
+            if nb or bw:
+                lo, hi = int(self.cols[g]), int(self.cols[g + 1])
+                raise ValueError(f"item {self.its[g]['i']}: {nb} of {hi - lo} rANS streams failed the "
+                                 f"end-of-stream check (words consumed ok: {not bw}): corrupted payload or "
+                                 "wrong freqs")
 
 
 def rans_decode(
