@@ -195,8 +195,11 @@ def test_dense_layers_keep_full_weight_unless_adapted(tiny_llama, tokens):
         w = small.get_submodule(n).weight
         up, down = l.factors(torch.arange(k))
         full = up @ down
-        if n in adapted:  # truncated to the prefix rank, adapter folded in
-            assert torch.linalg.matrix_rank(w.detach().double(), rtol=1e-5) == prefix[n] < k
+        if n in adapted:  # the prefix directions plus the whole adapter, as the trained layer computes
+            idx = sm.keep_indices(prefix)[n]
+            w_keep = (l.ortho[:, idx] * l.mask_scaling) @ l.base[idx]
+            assert torch.allclose(w, w_keep + l.lora_scaling * l.lora_B @ l.lora_A, atol=1e-5)
+            assert prefix[n] < torch.linalg.matrix_rank(w.detach().double(), rtol=1e-5) <= prefix[n] + 2 <= k
             kept += 1
         else:  # the original weight, exactly
             assert torch.allclose(w, full, atol=1e-5)

@@ -191,6 +191,18 @@ class SVDLinear(nn.Module):
         )
 
     # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def dense_weight(self, keep_idx: torch.Tensor) -> torch.Tensor:
+        """``W_keep + s B A`` (out x in): exactly what the layer computes with only ``keep_idx`` active.
+
+        ``W_keep = c * ortho[:, idx] @ base[idx]``. No re-truncation: a layer stored dense costs
+        ``in*out`` whatever its rank, so the adapter is folded in as is.
+        """
+        w = (self.ortho.index_select(1, keep_idx) * self.mask_scaling) @ self.base.index_select(0, keep_idx)
+        if self.lora_A is not None:
+            w = w + self.lora_scaling * (self.lora_B.detach() @ self.lora_A.detach())
+        return w
+
     def factors(self, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact rank-r factors ``(up: out x r, down: r x in)`` of the kept directions, LoRA folded.
 

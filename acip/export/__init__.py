@@ -3,8 +3,10 @@
 For each layer ``l`` the score map's exact allocation gives a rank ``r_l``; the layer keeps its
 ``r_l`` best-scored directions as two thin linears ``up(down(x))`` (``r*(in+out)`` params), or a
 dense matrix when that is cheaper (``r*(in+out) > in*out``); a dense layer without a trained adapter
-keeps all its directions (the original ``W``, at the same cost). LoRA adapters are folded
-in and re-truncated to exactly rank ``r_l`` (see :meth:`SVDLinear.factors`). The new model is built
+keeps all its directions (the original ``W``, at the same cost). LoRA adapters are folded in: a
+low-rank layer re-truncates ``W_r + sBA`` to exactly rank ``r_l`` (see :meth:`SVDLinear.factors`);
+a dense layer stores ``W_r + sBA`` as it is (:meth:`SVDLinear.dense_weight`), which is what the
+trained model computed. The new model is built
 from a clean copy of the config (no quantization flag) plus an ``acip_layout`` entry, so it saves
 with ``save_pretrained`` and reloads with ``acip.load`` or ``AutoModel*.from_pretrained`` after
 ``import acip``. The source model is never modified.
@@ -133,15 +135,16 @@ def export(
         if not name.startswith(prefixes):
             state[name] = t.clone()
     for name, layer in layers.items():
-        up, down = layer.factors(keep[name].to(layer.base.device))
+        idx = keep[name].to(layer.base.device)
         entry = layout[name]
         bias = None if layer.bias is None else layer.bias.clone()
         if entry["kind"] == "lowrank":
+            up, down = layer.factors(idx)
             state[f"{name}.up.weight"], state[f"{name}.down.weight"] = up.contiguous(), down.contiguous()
             if bias is not None:
                 state[f"{name}.up.bias"] = bias
-        else:
-            w = up @ down
+        else:  # stored dense: the kept directions plus the whole adapter, no re-truncation
+            w = layer.dense_weight(idx)
             target = new.get_submodule(name)
             state[f"{name}.weight"] = (w if isinstance(target, nn.Linear) else w.t()).contiguous()
             if bias is not None:
