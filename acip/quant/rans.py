@@ -384,30 +384,32 @@ class _Plan:
         stage = torch.empty((K, self.n_tot), dtype=torch.uint8, device=dev)
         # nc[0] = 0; nc[k+1] = -(number of reads in 0..k) over all active streams
         nc = torch.zeros(self.n_tot + 1, **ix)
-        pbuf, dbuf = torch.empty(self.n_tot, **ix), torch.empty(G, **ix)
+        pbuf, dbuf, nbuf = torch.empty(self.n_tot, **ix), torch.empty(G, **ix), torch.empty(G + 1, **ix)
         b1, b2, b3 = (torch.empty(self.n_tot, **i32) for _ in range(3))
         views: dict[int, tuple[Any, ...]] = {}
+        mask, p, lo_, s31 = c["mask"], c["p"], c["lo"], c["s31"]
+        alpha, ends = (1 << WORD_BITS) - 1, self.ends
         t0 = 0
-        for t in range(self.s_max):
-            a, ga = int(self.act[t]), int(self.gact[t])
+        for t, a, ga in zip(range(self.s_max), self.act.tolist(), self.gact.tolist()):
             if a not in views:
                 views[a] = (x[:a], tof[:a], gof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
-                            bounds[: ga + 1], pbuf[:a], dbuf[:ga], b1[:a], b2[:a], b3[:a], stage[:, :a])
-            xa, ta, go, gi, nca, nc_a, ba, bd, pa, da, v1, v2, v3, st = views[a]
-            slot = torch.bitwise_and(xa, c["mask"], out=v1)
+                            bounds[: ga + 1], pbuf[:a], dbuf[:ga], b1[:a], b2[:a], b3[:a], stage[:, :a],
+                            nbuf[: ga + 1], nbuf[:ga], nbuf[1: ga + 1])
+            xa, ta, go, gi, nca, nc_a, ba, bd, pa, da, v1, v2, v3, st, nb, nb_lo, nb_hi = views[a]
+            slot = torch.bitwise_and(xa, mask, out=v1)
             idx = torch.bitwise_or(slot, ta, out=v2) if G > 1 else slot
             s = torch.index_select(symtab, 0, idx, out=st[t - t0])  # the decoded symbols
             e = torch.index_select(fctab, 0, torch.add(go, s, out=v2), out=v3)
-            slot.add_(torch.bitwise_right_shift(e, c["p"], out=v2))  # slot - cum
-            e.bitwise_and_(c["mask"])  # f
-            xa.bitwise_right_shift_(c["p"])
+            slot.add_(torch.bitwise_right_shift(e, p, out=v2))  # slot - cum
+            e.bitwise_and_(mask)  # f
+            xa.bitwise_right_shift_(p)
             torch.addcmul(slot, e, xa, out=xa)  # x = f * (x >> P) + slot - cum
-            m = torch.sub(xa, c["lo"], out=v1).bitwise_right_shift_(c["s31"])  # -1 where x < L
+            m = torch.sub(xa, lo_, out=v1).bitwise_right_shift_(s31)  # -1 where x < L
             torch.cumsum(m, 0, out=nca)
             if G > 1:  # per item: last word read + reads up to and including this stream
-                nb = torch.index_select(nc, 0, bd)
-                d = torch.add(ba, nb[:-1], out=da)
-                torch.sub(d, nb[1:], out=ba)
+                torch.index_select(nc, 0, bd, out=nb)
+                d = torch.add(ba, nb_lo, out=da)
+                torch.sub(d, nb_hi, out=ba)
                 pos = torch.index_select(d, 0, gi, out=pa).sub_(nca)
             else:
                 pos = torch.sub(ba, nca, out=pa)
@@ -415,8 +417,8 @@ class _Plan:
             w = torch.index_select(wbuf, 0, pos, out=v2)
             # readers (x < L < 2**16) get x * 2**16 + w; the int32 product may wrap for the
             # others, whose m is 0, so it is discarded
-            torch.addcmul(xa, m, torch.add(w, xa, alpha=(1 << WORD_BITS) - 1, out=v3), value=-1, out=xa)
-            for lo, hi, park in self.ends.get(t, ()):
+            torch.addcmul(xa, m, torch.add(w, xa, alpha=alpha, out=v3), value=-1, out=xa)
+            for lo, hi, park in ends.get(t, ()):
                 x_end[lo:hi] = x[lo:hi]
                 if park:
                     x[lo:hi] = c["park"]
