@@ -99,6 +99,8 @@ def test_decode_many_mixed_items() -> None:
         items.append((*rans_encode(s, f, None if k % 2 else 50), f, s.size))
     for out, s in zip(rans_decode_many(items), srcs):
         assert np.array_equal(out.numpy(), s)
+        assert not out.is_inference()  # usable in place and in autograd by the caller
+        out.add_(0)
 
 
 def test_encode_many_equals_single() -> None:

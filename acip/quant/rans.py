@@ -363,6 +363,16 @@ class _Plan:
         return torch.from_numpy(np.ascontiguousarray(arr)).to(device=self.dev, dtype=dtype)
 
     def run(self) -> list[torch.Tensor]:
+        """Decode every item; returns ordinary (non-inference) uint8 tensors of ``S * N``."""
+        outs = [torch.empty(it["S"] * it["N"], dtype=torch.uint8, device=self.dev) for it in self.its]
+        grid = [o.view(it["S"], it["N"]) for o, it in zip(outs, self.its)]
+        # inference mode skips autograd dispatch and version counters: ~30% less fixed cost
+        # per op. The outputs above are allocated outside it, so callers get normal tensors.
+        with torch.inference_mode():
+            self._loop(grid)
+        return outs
+
+    def _loop(self, grid: list[torch.Tensor]) -> None:
         its, dev, G, K, cols = self.its, self.dev, self.G, self.K, self.cols
         i32, ix = dict(dtype=torch.int32, device=dev), dict(dtype=self.idx_dtype, device=dev)
         tabs = [_tables(it["f"]) for it in its]
@@ -379,8 +389,6 @@ class _Plan:
         c = {k: torch.tensor(v, **i32) for k, v in
              dict(mask=M - 1, p=PROB_BITS, lo=STATE_LO, s31=31, park=1 << 30).items()}
         x_end = torch.empty_like(x)
-        outs = [torch.empty(it["S"] * it["N"], dtype=torch.uint8, device=dev) for it in its]
-        grid = [o.view(it["S"], it["N"]) for o, it in zip(outs, its)]
         stage = torch.empty((K, self.n_tot), dtype=torch.uint8, device=dev)
         # nc[0] = 0; nc[k+1] = -(number of reads in 0..k) over all active streams
         nc = torch.zeros(self.n_tot + 1, **ix)
@@ -432,7 +440,6 @@ class _Plan:
                     raise ValueError("rANS streams read past the end of their words: corrupted "
                                      "payload or wrong freqs")
         self._check_ends(base, x_end)
-        return outs
 
     def _check_ends(self, base: torch.Tensor, x_end: torch.Tensor) -> None:
         """Every stream must end at ``x == L`` with its item's words consumed exactly."""
