@@ -103,6 +103,21 @@ def test_decode_many_mixed_items() -> None:
         out.add_(0)
 
 
+@pytest.mark.parametrize("n_items", [3, 12])  # few shapes: broadcast word bases; many: gather
+def test_decode_many_equal_and_distinct_shapes(n_items: int) -> None:
+    srcs = [_geometric(3000 + (k % 2 if n_items == 3 else k) * 1000, 0.25, seed=k) for k in range(n_items)]
+    srcs += [_geometric(4000, 0.25, seed=100 + k) for k in range(3)]  # a run of equal shapes
+    items = []
+    for s in srcs:
+        f = quantize_freqs(np.bincount(s, minlength=256))
+        items.append((*rans_encode(s, f, 40), f, s.size))
+    parsed = sorted((rans._parse(*it, i) for i, it in enumerate(items)), key=lambda p: (-p["S"], p["N"]))
+    plan_runs = rans._Plan(parsed, torch.device("cpu")).runs  # same order as rans_decode_many
+    assert (plan_runs is None) == (n_items == 12)
+    for out, s in zip(rans_decode_many(items), srcs):
+        assert np.array_equal(out.numpy(), s)
+
+
 def test_encode_many_equals_single() -> None:
     srcs = [_geometric(n, 0.3, seed=n) for n in (5_000, 123, 40_000)] + [np.zeros(9, np.uint8)]
     jobs = [(s, quantize_freqs(np.bincount(s, minlength=256)), k * 3 or None)

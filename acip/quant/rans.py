@@ -49,6 +49,7 @@ PROB_BITS: int = 12
 """Frequency precision; with ``L = 2**15`` keeps ``L / M = 8`` and a 24-bit packed table entry."""
 M: int = 1 << PROB_BITS
 STATE_LO: int = 1 << 15  # L
+_MAX_RUNS = 8  # up to this many runs of equal-shape items: broadcast word bases, else gather
 WORD_BITS: int = 16
 SYMBOLS_PER_STREAM: int = 4096
 """Default stream length (auto ``n_streams = ceil(n / SYMBOLS_PER_STREAM)``): longer streams cost
@@ -297,7 +298,8 @@ def _decode_many(items: Sequence[tuple[Any, dict, np.ndarray, int]], dev: torch.
             coded.append(i)
     if not coded:
         return out  # type: ignore[return-value]
-    coded.sort(key=lambda i: -parsed[i]["S"])  # active streams (and items) form a prefix
+    # active streams (and items) form a prefix; equal shapes side by side (see _Plan.groups)
+    coded.sort(key=lambda i: (-parsed[i]["S"], parsed[i]["N"]))
     plan = _Plan([parsed[i] for i in coded], dev)
     bufs = plan.run()
     for g, i in enumerate(coded):
@@ -344,6 +346,15 @@ class _Plan:
                 self.ends.setdefault(S - 2, []).append((lo + r, hi, True))
             self.act[:S] += it["N"]
             self.gact[:S] += 1
+        # runs of items with equal (S, N): their word bases broadcast over a (items x N) view
+        # with one op per run instead of one gather over all streams, when there are few runs
+        runs: list[tuple[int, int]] = []
+        for g, it in enumerate(its):
+            if runs and (its[runs[-1][0]]["S"], its[runs[-1][0]]["N"]) == (it["S"], it["N"]):
+                runs[-1] = (runs[-1][0], g + 1)
+            else:
+                runs.append((g, g + 1))
+        self.runs = runs if G > 1 and len(runs) <= _MAX_RUNS else None
         # staging rows between copies to the outputs: more items, fewer (per-item) copies
         self.K = min(self.s_max, 128 if G <= 256 else 512)
         self.wbuf_len = 1 + self.w_tot + (self.K + 1) * self.n_tot
@@ -398,12 +409,22 @@ class _Plan:
         mask, p, lo_, s31 = c["mask"], c["p"], c["lo"], c["s31"]
         alpha, ends = (1 << WORD_BITS) - 1, self.ends
         t0 = 0
+        def run_views(ga: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            """(bases as items x 1, -reads as items x N, positions as items x N) per active run."""
+            out = []
+            for g0, g1 in self.runs or ():
+                if g0 >= ga:
+                    break
+                c0, c1, N = int(cols[g0]), int(cols[g1]), its[g0]["N"]
+                out.append((dbuf[g0:g1, None], nc[1 + c0: 1 + c1].view(g1 - g0, N), pbuf[c0:c1].view(g1 - g0, N)))
+            return out
+
         for t, a, ga in zip(range(self.s_max), self.act.tolist(), self.gact.tolist()):
             if a not in views:
-                views[a] = (x[:a], tof[:a], gof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
+                views[a] = (run_views(ga), x[:a], tof[:a], gof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
                             bounds[: ga + 1], pbuf[:a], dbuf[:ga], b1[:a], b2[:a], b3[:a], stage[:, :a],
                             nbuf[: ga + 1], nbuf[:ga], nbuf[1: ga + 1])
-            xa, ta, go, gi, nca, nc_a, ba, bd, pa, da, v1, v2, v3, st, nb, nb_lo, nb_hi = views[a]
+            rv, xa, ta, go, gi, nca, nc_a, ba, bd, pa, da, v1, v2, v3, st, nb, nb_lo, nb_hi = views[a]
             slot = torch.bitwise_and(xa, mask, out=v1)
             idx = torch.bitwise_or(slot, ta, out=v2) if G > 1 else slot
             s = torch.index_select(symtab, 0, idx, out=st[t - t0])  # the decoded symbols
@@ -418,7 +439,12 @@ class _Plan:
                 torch.index_select(nc, 0, bd, out=nb)
                 d = torch.add(ba, nb_lo, out=da)
                 torch.sub(d, nb_hi, out=ba)
-                pos = torch.index_select(d, 0, gi, out=pa).sub_(nca)
+                if rv:  # few runs of equal-shape items: broadcast each run's bases
+                    for d_run, nc_run, p_run in rv:
+                        torch.sub(d_run, nc_run, out=p_run)
+                    pos = pa
+                else:
+                    pos = torch.index_select(d, 0, gi, out=pa).sub_(nca)
             else:
                 pos = torch.sub(ba, nca, out=pa)
                 ba.sub_(nc_a)
