@@ -7,7 +7,8 @@ quantized linear layers * 8 / their weight count; the embeddings/head stay fp32 
   bitsandbytes NF4 (double quant), HQQ 4/3/2-bit g64 (scale and zero stored as fp16), ours.
 * minilm: all-MiniLM-L6-v2 (true float weights), cosine similarity of mean-pooled sentence
   embeddings to the fp32 model's on held-out KJV verses; same rows.
-* pareto: ACIP export (singular-value score map) at ratios x lam: total bytes and perplexity.
+* pareto: ACIP export at ratios x lam: total bytes and perplexity (``--score-map`` of a trained
+  run, e.g. outputs/<run>/score_map.safetensors; default: the singular-value map, no training).
 * decode: decoding every coded layer of the quantized SmolLM2, our rANS (one lockstep batch)
   vs constriction (one chunked coder per layer), side by side.
 
@@ -168,10 +169,14 @@ def minilm_table(n_verses: int, **rows_kw: Any) -> list[dict]:
     return run_table(model, cos, "cos", "fp32", **rows_kw)
 
 
-def pareto_table(model: nn.Module, tok: Any, windows: int, ratios: tuple[float, ...], lams: tuple[float, ...]) -> list[dict]:
+def pareto_table(model: nn.Module, tok: Any, windows: int, ratios: tuple[float, ...], lams: tuple[float, ...],
+                 score_map: str | None = None) -> list[dict]:
     _, heldout = acip.data.kjv_split()
     ids = acip.eval.token_windows(tok, heldout, seq_len=256, max_windows=windows)
-    sm = acip.ScoreMap.from_singular_values(acip.parametrize(copy.deepcopy(model)))
+    if score_map:  # a trained run's map: rebuilt from its recorded base model, adapters loaded
+        sm = acip.ScoreMap.load(score_map)
+    else:
+        sm = acip.ScoreMap.from_singular_values(acip.parametrize(copy.deepcopy(model)))
     dense_params = linear_params(model)  # bits below are per parameter of the original dense layers
     rows = []
     for ratio in ratios:
@@ -208,9 +213,22 @@ def decode_table(model: nn.Module, lam: float) -> dict:
     again = decode_many(cons)
     t_cons = time.perf_counter() - t
     assert all(torch.equal(a, b) for a, b in zip(codes, again))
-    return {"layers": len(encs), "symbols": n, "backend_default": encs[0].meta["backend"],
-            "rans_torch_s": t_torch, "rans_Msym_s": n / t_torch / 1e6,
-            "constriction_s": t_cons, "constriction_Msym_s": n / t_cons / 1e6}
+    out = {"layers": len(encs), "symbols": n, "backend_default": encs[0].meta["backend"],
+           "rans_torch_s": t_torch, "rans_Msym_s": n / t_torch / 1e6,
+           "constriction_s": t_cons, "constriction_Msym_s": n / t_cons / 1e6}
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = q(ids).logits
+        for size in (2, 7):  # lazy mode: one forward of 64 tokens, streams kept coded
+            quant.set_decode_mode(q, "lazy", cache_layers=size)
+            t = time.perf_counter()
+            same = torch.equal(q(ids).logits, ref)
+            sec = time.perf_counter() - t
+            cache = layers[0].cache
+            out[f"lazy_cache{size}"] = {"forward_s": sec, "passes": cache.passes, "decodes": cache.decodes,
+                                        "s_per_layer": sec / max(cache.decodes, 1), "logits_equal": same}
+    quant.set_decode_mode(q, "eager")
+    return out
 
 
 def md(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
@@ -232,14 +250,15 @@ def main() -> None:
     ap.add_argument("--fmts", default="e4m3", help="code formats of our rows, e.g. e4m3,int8")
     ap.add_argument("--lams", default=",".join(f"{x:g}" for x in LAMS), help="lam values of our rows")
     ap.add_argument("--no-peers", action="store_true", help="only fp32 and our rows (no NF4/HQQ)")
+    ap.add_argument("--score-map", default=None, help="pareto: a trained run's score_map.safetensors")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = ap.parse_args()
     tables = set(args.tables.split(","))
     fmts = tuple(f.strip() for f in args.fmts.split(",") if f.strip())
     for f in fmts:
         quant.EntropyQuantConfig(fmt=f)  # validates the name before hours of work
-    try:
-        lams = tuple(float(x) for x in args.lams.split(","))
+    try:  # --lams "" runs no rows of ours (e.g. only the peers)
+        lams = tuple(float(x) for x in args.lams.split(",") if x.strip())
     except ValueError:
         ap.error(f"--lams must be comma-separated numbers, got {args.lams!r}")
     rows_kw = dict(fmts=fmts, lams=lams, with_peers=not args.no_peers)
@@ -266,7 +285,7 @@ def main() -> None:
         print(json.dumps(res["decode"], indent=1), flush=True)
     if "pareto" in tables:
         print("\n## ACIP export x entropy quantization (singular-value score map)", flush=True)
-        res["pareto"] = pareto_table(model, tok, args.windows, (0.8, 0.6), (3.9, 14.5))
+        res["pareto"] = pareto_table(model, tok, args.windows, (0.8, 0.6), (3.9, 14.5), args.score_map)
         print(md(res["pareto"], [("ratio", "ratio", "{}"), ("lam", "lam", "{}"), ("target_bytes", "linear bytes", "{}"),
                                  ("bits", "bits/original param", "{:.3f}"), ("model_bytes", "model bytes", "{}"),
                                  ("ppl", "KJV ppl", "{:.2f}")]), flush=True)

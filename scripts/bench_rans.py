@@ -7,8 +7,11 @@ Cases
       synthesised (heavy-tailed weights, per-row power-of-two scales, float8_e4m3 codes at
       ~2.5-3.5 bits), not produced by the quantizer. Ours decodes all tensors in one lockstep
       run (``rans_decode_many``); constriction decodes tensor by tensor.
+  (c) one decoder block of (b) (layer 0: q,k,v,o,gate,up,down; 3.5M codes), what the lazy
+      decode mode decodes in one pass with ``cache_layers=7``;
+  (d) one 1536 x 576 matrix of (b) (0.9M codes, 216 streams), a lazy pass with one layer.
 
-Usage: python scripts/bench_rans.py [--case a|b|ab] [--repeat 2] [--sweep]
+Usage: python scripts/bench_rans.py [--case a|b|c|d, any combination] [--repeat 2] [--sweep]
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def sweep(tensors: list[np.ndarray], repeat: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", default="ab", help="a, b or ab")
+    ap.add_argument("--case", default="ab", help="any of a, b, c, d (e.g. abcd)")
     ap.add_argument("--n-a", type=float, default=2**25, help="symbols in case (a)")
     ap.add_argument("--repeat", type=int, default=2, help="decode repetitions (best is shown)")
     ap.add_argument("--threads", default="1,2", help="torch thread counts for our decoder")
@@ -152,10 +155,14 @@ def main() -> None:
     rows = []
     if "a" in args.case:
         rows += bench("(a) fp8 Gaussian codes", case_a(int(args.n_a)), args.repeat, threads)
-    if "b" in args.case or args.sweep:
+    if any(k in args.case for k in "bcd") or args.sweep:
         tb = case_b()
         if "b" in args.case:
             rows += bench("(b) SmolLM2-scale, 211 tensors", tb, args.repeat, threads)
+        if "c" in args.case:
+            rows += bench("(c) one block of (b), 7 tensors", tb[1:8], args.repeat, threads)
+        if "d" in args.case:
+            rows += bench("(d) one 1536x576 tensor of (b)", tb[5:6], args.repeat, threads)
     print(head)
     print("\n".join(rows))
     if args.sweep:
