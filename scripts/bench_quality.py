@@ -83,7 +83,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ceiling", type=Path, default=None, help="output dir of scripts/bench_ceiling.py")
     ap.add_argument("--label", default=None, help="column name of the ACIP run (default: run dir name)")
+    ap.add_argument("--rows", default="acip,ceiling,sv,aa",
+                    help="which rows to measure (fp32 always): acip, ceiling, sv, aa; e.g. run the ceiling "
+                         "later on its own with --rows ceiling (same windows: they are deterministic)")
     args = ap.parse_args()
+    rows = set(args.rows.split(","))
+    if rows - {"acip", "ceiling", "sv", "aa"}:
+        raise SystemExit(f"--rows: unknown {sorted(rows - {'acip', 'ceiling', 'sv', 'aa'})}; choose from acip, ceiling, sv, aa")
     torch.set_num_threads(args.threads)
     print(machine_header())
     sm = acip.ScoreMap.load(Path(args.run_dir) / "score_map.safetensors")
@@ -97,13 +103,13 @@ def main() -> None:
     results: dict[str, dict[str, dict[float, float]]] = {d: {} for d in domains}
     fp32 = {d: perplexity(base, tok, w, progress=False) for d, w in domains.items()}
 
-    for r in args.ratios:  # ACIP: real exports (LoRA folded), the model a user gets
+    for r in args.ratios if "acip" in rows else []:  # ACIP: real exports (LoRA folded), the model a user gets
         small = acip.export(sm, r)
         for d, w in domains.items():
             results[d].setdefault(label, {})[r] = perplexity(small, tok, w, progress=False)
         del small
         print(f"ACIP {r}: " + ", ".join(f"{d} {results[d][label][r]:.4g}" for d in domains), flush=True)
-    if args.ceiling is not None:
+    if args.ceiling is not None and "ceiling" in rows:
         ceil, name = ceiling_model(base, args.ceiling, run_steps)
         for d, w in domains.items():  # uncompressed: one figure, shown in every ratio row
             p = perplexity(ceil, tok, w, progress=False)
@@ -111,15 +117,16 @@ def main() -> None:
             print(f"{name}: {d} {p:.4g}", flush=True)
         del ceil
 
-    plain = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32)
-    sv = acip.ScoreMap.from_singular_values(plain)
-    for d, w in domains.items():
-        results[d]["singular values"] = ratio_sweep(plain, sv, tok, w, args.ratios)
-    del plain
-    aa = acip.activation_aware(base, calib.split(4))
-    white = aa.model
-    for d, w in domains.items():
-        results[d]["activation-aware (KJV calib)"] = ratio_sweep(white, aa, tok, w, args.ratios)
+    if "sv" in rows:
+        plain = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32)
+        sv = acip.ScoreMap.from_singular_values(plain)
+        for d, w in domains.items():
+            results[d]["singular values"] = ratio_sweep(plain, sv, tok, w, args.ratios)
+        del plain
+    if "aa" in rows:
+        aa = acip.activation_aware(base, calib.split(4))
+        for d, w in domains.items():
+            results[d]["activation-aware (KJV calib)"] = ratio_sweep(aa.model, aa, tok, w, args.ratios)
 
     for d in domains:
         print(f"\n### {d}: perplexity ({args.windows} windows x 256 tokens), fp32 = {fp32[d]:.2f}\n")
