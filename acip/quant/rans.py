@@ -267,7 +267,8 @@ def rans_decode_many(
     model. Per step, for the active streams: table lookup, state update, ``need = x < L``,
     a prefix sum of ``need`` within each item gives each stream's word position,
     one gather, and the conditional shift-in. Returns bit-identical uint8 tensors on
-    ``device``; raises ``ValueError`` on invalid input or a failed end-of-stream check.
+    ``device`` (outputs of equal-shape items are views into one shared allocation); raises
+    ``ValueError`` on invalid input or a failed end-of-stream check.
 
     ``threads``: torch intra-op threads during a CPU decode (restored afterwards); ``None``
     keeps the current setting. The default 1 is deliberate: the per-step tensors are small and
@@ -354,6 +355,7 @@ class _Plan:
                 runs[-1] = (runs[-1][0], g + 1)
             else:
                 runs.append((g, g + 1))
+        self.all_runs = runs  # also the unit of output allocation and staging copies
         self.runs = runs if G > 1 and len(runs) <= _MAX_RUNS else None
         # staging rows between copies to the outputs: more items, fewer (per-item) copies
         self.K = min(self.s_max, 128 if G <= 256 else 512)
@@ -374,14 +376,18 @@ class _Plan:
         return torch.from_numpy(np.ascontiguousarray(arr)).to(device=self.dev, dtype=dtype)
 
     def run(self) -> list[torch.Tensor]:
-        """Decode every item; returns ordinary (non-inference) uint8 tensors of ``S * N``."""
-        outs = [torch.empty(it["S"] * it["N"], dtype=torch.uint8, device=self.dev) for it in self.its]
-        grid = [o.view(it["S"], it["N"]) for o, it in zip(outs, self.its)]
+        """Decode every item; returns ordinary (non-inference) uint8 tensors of ``S * N``.
+
+        The items of a run of equal shapes share one ``(items, S, N)`` allocation (each output
+        is a view of its slice), so one copy per run moves a staging block to the outputs.
+        """
+        grid = [torch.empty((g1 - g0, self.its[g0]["S"], self.its[g0]["N"]), dtype=torch.uint8, device=self.dev)
+                for g0, g1 in self.all_runs]
         # inference mode skips autograd dispatch and version counters: ~30% less fixed cost
         # per op. The outputs above are allocated outside it, so callers get normal tensors.
         with torch.inference_mode():
             self._loop(grid)
-        return outs
+        return [blk[k].view(-1) for blk in grid for k in range(blk.shape[0])]
 
     def _loop(self, grid: list[torch.Tensor]) -> None:
         its, dev, G, K, cols = self.its, self.dev, self.G, self.K, self.cols
@@ -422,7 +428,7 @@ class _Plan:
         for t, a, ga in zip(range(self.s_max), self.act.tolist(), self.gact.tolist()):
             if a not in views:
                 views[a] = (run_views(ga), x[:a], tof[:a], gof[:a], gid[:a], nc[1: a + 1], nc[a], base[:ga],
-                            bounds[: ga + 1], pbuf[:a], dbuf[:ga], b1[:a], b2[:a], b3[:a], stage[:, :a],
+                            bounds[: ga + 1], pbuf[:a], dbuf[:ga], b1[:a], b2[:a], b3[:a], list(stage[:, :a].unbind(0)),
                             nbuf[: ga + 1], nbuf[:ga], nbuf[1: ga + 1])
             rv, xa, ta, go, gi, nca, nc_a, ba, bd, pa, da, v1, v2, v3, st, nb, nb_lo, nb_hi = views[a]
             slot = torch.bitwise_and(xa, mask, out=v1)
@@ -457,10 +463,13 @@ class _Plan:
                 if park:
                     x[lo:hi] = c["park"]
             if t - t0 + 1 == K or t == self.s_max - 1:
-                for g in range(int(self.gact[t0])):  # items active at any step since t0
-                    rows = min(t + 1, its[g]["S"]) - t0
-                    if rows > 0:
-                        grid[g][t0: t0 + rows].copy_(stage[:rows, int(cols[g]): int(cols[g + 1])])
+                for (g0, g1), blk in zip(self.all_runs, grid):  # runs active at any step since t0
+                    rows = min(t + 1, its[g0]["S"]) - t0
+                    if rows <= 0:
+                        break
+                    c0, c1 = int(cols[g0]), int(cols[g1])
+                    src = stage[:rows, c0:c1].view(rows, g1 - g0, its[g0]["N"]).transpose(0, 1)
+                    blk[:, t0: t0 + rows].copy_(src)
                 t0 = t + 1
                 if int(base.max()) > self.w_tot:
                     raise ValueError("rANS streams read past the end of their words: corrupted "
