@@ -136,7 +136,7 @@ def _digest(stream: torch.Tensor, table: torch.Tensor, meta: dict, shape: Sequen
     h = hashlib.sha256()
     h.update(json.dumps({"meta": meta, "shape": list(shape)}, sort_keys=True).encode())
     h.update(table.detach().cpu().contiguous().numpy().tobytes())
-    h.update(stream.detach().cpu().contiguous().numpy().tobytes())
+    h.update(stream.detach().cpu().contiguous().numpy())  # buffer protocol: no copy
     return h.hexdigest()
 
 
