@@ -119,3 +119,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_score_map(mon
     sm = acip.ScoreMap.load(tmp_path / "run" / "score_map.safetensors")
     assert sm.meta["global_step"] == 3 and sm.meta["updates"] == 3
     assert all(torch.isfinite(s).all() for s in sm.scores.values())
+
+
+def test_training_in_the_activation_aware_basis(tmp_path):
+    """acip.whiten_windows > 0: masks over the SVD of W L; the factors travel with the score map."""
+    from acip.train.testing import run_compress
+
+    run = tmp_path / "run"
+    run_compress(run, "acip.whiten_windows=4", "acip.whiten_seq_len=32", "eval.ratios=[0.6]")
+    assert (run / "score_map.whitening.safetensors").is_file()
+    res = json.loads((run / "results.json").read_text())
+    # the untrained baseline of a whitened run is the activation-aware map (not evaluated twice)
+    assert set(res["ppl"]) == {"acip", "activation_aware"}
+    sm = acip.ScoreMap.load(run / "score_map.safetensors")
+    assert sm.meta["whitening"] == "score_map.whitening.safetensors"
+    small = acip.export(sm, ratio=0.6)  # rebuilt in this process: base model + factors + adapters
+    assert acip.size_ratio(small) <= 0.6
+    assert sm.model is not None and all(l.whitened for l in sm.model.svd_layers().values())

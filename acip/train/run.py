@@ -97,10 +97,17 @@ def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     dm = PackedTextDataModule(tok, train_texts, a.seq_len, a.batch_size, total_steps, seed=int(cfg.seed), world_size=world)
     dm.prepare()  # fail early (dataset shorter than one batch) before any expensive SVD
     lora = OmegaConf.to_container(a.lora, resolve=True) if a.get("lora") else None
-    pm = acip.parametrize(model, target_modules=OmegaConf.to_container(a.target_modules) if OmegaConf.is_config(a.target_modules) else a.target_modules,
-                          exclude_modules=OmegaConf.to_container(a.exclude_modules) if OmegaConf.is_config(a.exclude_modules) else a.exclude_modules,
-                          mask_scaling=float(a.mask_scaling), lora=lora,
-                          svd_dtype=getattr(torch, str(a.get("svd_dtype", "float64"))))
+    targets = OmegaConf.to_container(a.target_modules) if OmegaConf.is_config(a.target_modules) else a.target_modules
+    excludes = OmegaConf.to_container(a.exclude_modules) if OmegaConf.is_config(a.exclude_modules) else a.exclude_modules
+    whitening = None
+    if int(a.get("whiten_windows", 0) or 0) > 0:  # activation-aware basis: masks over the SVD of W L
+        from acip.core.whiten import calibrate_whitening
+        from acip.eval.perplexity import token_windows
+
+        calib = token_windows(tok, train_texts, int(a.get("whiten_seq_len", 256)), int(a.whiten_windows))
+        whitening = calibrate_whitening(model, calib.split(4), targets, excludes)
+    pm = acip.parametrize(model, target_modules=targets, exclude_modules=excludes, mask_scaling=float(a.mask_scaling), lora=lora,
+                          svd_dtype=getattr(torch, str(a.get("svd_dtype", "float64"))), whitening=whitening)
     module = ACIPModule(pm, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, l1_weight=a.l1_init)
     recorder = ScoreMapRecorder(run_dir, stop_ratio=stop_ratio, meta={"run_dir": str(run_dir)})
     stopper = StopAtRatio(stop_ratio, a.post_tune_steps)

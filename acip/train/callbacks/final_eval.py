@@ -60,7 +60,7 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
     ranks: dict[str, dict[float, dict[str, int]]] = {}
     for method, sm in score_maps.items():
         ppl[method], measured[method], ranks[method] = {}, {}, {}
-        ctx = lora_disabled(pm) if method == "singular_values" else contextlib.nullcontext()
+        ctx = lora_disabled(pm) if method in ("singular_values", "activation_aware") else contextlib.nullcontext()
         with ctx:
             for rho in ratios:
                 t0 = time.perf_counter()
@@ -127,11 +127,12 @@ class FinalEvaluation(pl.Callback):
         pm.eval()
         windows = token_windows(self.tokenizer, self.heldout_texts, self.seq_len, self.max_windows)
         maps = {"acip": self.recorder.ensure(pl_module)}
-        if self.baseline:
-            maps["singular_values"] = ScoreMap.from_singular_values(pm)
+        if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
+            base_map = ScoreMap.from_singular_values(pm)
+            maps[base_map.method] = base_map
         t0 = time.time()
         ev = evaluate_score_maps(maps, windows, self.ratios, pm)
-        if self.calib_windows:
+        if self.calib_windows and "activation_aware" not in maps:
             white, aa = self.activation_aware(pm)
             ev_aa = evaluate_score_maps({"activation_aware": aa}, windows, self.ratios, white)
             del white
