@@ -284,7 +284,7 @@ def main() -> None:
         res["decode"] = decode_table(model, 14.5)
         print(json.dumps(res["decode"], indent=1), flush=True)
     if "pareto" in tables:
-        print("\n## ACIP export x entropy quantization (singular-value score map)", flush=True)
+        print(f"\n## ACIP export x entropy quantization ({args.score_map or 'singular-value score map'})", flush=True)
         res["pareto"] = pareto_table(model, tok, args.windows, (0.8, 0.6), (3.9, 14.5), args.score_map)
         print(md(res["pareto"], [("ratio", "ratio", "{}"), ("lam", "lam", "{}"), ("target_bytes", "linear bytes", "{}"),
                                  ("bits", "bits/original param", "{:.3f}"), ("model_bytes", "model bytes", "{}"),
