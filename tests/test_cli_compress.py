@@ -129,8 +129,10 @@ def test_training_in_the_activation_aware_basis(tmp_path):
     run_compress(run, "acip.whiten_windows=4", "acip.whiten_seq_len=32", "eval.ratios=[0.6]")
     assert (run / "score_map.whitening.safetensors").is_file()
     res = json.loads((run / "results.json").read_text())
-    # the untrained baseline of a whitened run is the activation-aware map (not evaluated twice)
-    assert set(res["ppl"]) == {"acip", "activation_aware"}
+    # a whitened run's own untrained map is the activation-aware one (not evaluated twice); the
+    # plain singular-value baseline comes from a plain parametrization of the untrained weights
+    assert set(res["ppl"]) == {"acip", "activation_aware", "singular_values"}
+    assert res["ppl"]["activation_aware"] != res["ppl"]["singular_values"]
     sm = acip.ScoreMap.load(run / "score_map.safetensors")
     assert sm.meta["whitening"] == "score_map.whitening.safetensors"
     small = acip.export(sm, ratio=0.6)  # rebuilt in this process: base model + factors + adapters

@@ -132,12 +132,16 @@ class FinalEvaluation(pl.Callback):
             maps[base_map.method] = base_map
         t0 = time.time()
         ev = evaluate_score_maps(maps, windows, self.ratios, pm)
+        extra_maps = []
+        if self.baseline and "singular_values" not in maps:  # a whitened run: plain SVD of W as well
+            extra_maps.append(self.plain_singular_values(pm))
         if self.calib_windows and "activation_aware" not in maps:
-            white, aa = self.activation_aware(pm)
-            ev_aa = evaluate_score_maps({"activation_aware": aa}, windows, self.ratios, white)
-            del white
+            extra_maps.append(self.activation_aware(pm))
+        for other_pm, other_map in extra_maps:
+            ev_other = evaluate_score_maps({other_map.method: other_map}, windows, self.ratios, other_pm)
             for key in ev:
-                ev[key].update(ev_aa[key])
+                ev[key].update(ev_other[key])
+        del extra_maps
         st = self.stopper
         results = {
             "ratios": self.ratios,
@@ -171,14 +175,30 @@ class FinalEvaluation(pl.Callback):
         self.log_results(trainer, ev, pngs)
         return results
 
+    @staticmethod
+    def untrained_dense(pm: Any) -> Any:
+        """A dense copy of the model before training: full ratio, no adapters (exactly the original W)."""
+        import acip
+        from acip import ScoreMap
+
+        with lora_disabled(pm):
+            return acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm)
+
+    def plain_singular_values(self, pm: Any) -> tuple[Any, Any]:
+        """(plain-SVD parametrized copy of the untrained model, its singular-value score map)."""
+        from acip import ScoreMap
+        from acip.core.parametrize import parametrize_like
+
+        settings = {k: v for k, v in pm.settings().items() if k != "lora"}
+        plain = parametrize_like(self.untrained_dense(pm), settings, None)
+        return plain, ScoreMap.from_singular_values(plain)
+
     def activation_aware(self, pm: Any) -> tuple[Any, Any]:
         """(whitened parametrized copy of the untrained model, its singular-value score map)."""
         import acip
-        from acip import ScoreMap
         from acip.eval.perplexity import token_windows
 
-        with lora_disabled(pm):  # full ratio, no adapters: exactly the original dense weights
-            dense = acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm)
+        dense = self.untrained_dense(pm)
         calib = token_windows(self.tokenizer, self.calib_texts, self.seq_len, self.calib_windows)
         sm = acip.activation_aware(dense, calib.split(4), target_modules=sorted(pm.svd_layers()),
                                    svd_dtype=getattr(torch, pm.settings().get("svd_dtype", "float32")))
