@@ -24,8 +24,8 @@ interleaved in decode order (Giesen's interleaved rANS): step 0's words of the s
 renormalise, in stream order, then step 1's, ... The decoder finds each stream's word with a
 prefix sum over the "needs a word" flags, so all reads of a step are contiguous (cache and TLB
 friendly) and no per-stream lengths are stored. ``meta`` is a small dict of ints. Cost per
-stream: the 4-byte state, of which ~1 byte carries data on average (4 bytes are ~0.5% of 2048
-symbols of ~3 bits, ~0.25% of 4096; measured +0.46% / +0.28% over the entropy on SmolLM2-scale codes).
+stream: the 4-byte state, of which ~1 byte carries data on average (4 bytes are ~0.25% of 4096
+symbols of ~3 bits; measured +0.28% over the entropy on SmolLM2-scale codes, +0.46% at 2048).
 
 The decoder runs all streams of many tensors at once (``rans_decode_many``): the Python loop is
 over lockstep steps only; each step is ~19 int32 tensor ops over the active streams (four
@@ -51,12 +51,12 @@ M: int = 1 << PROB_BITS
 STATE_LO: int = 1 << 15  # L
 _MAX_RUNS = 8  # up to this many runs of equal-shape items: broadcast word bases, else gather
 WORD_BITS: int = 16
-SYMBOLS_PER_STREAM: int = 2048
+SYMBOLS_PER_STREAM: int = 4096
 """Default stream length (auto ``n_streams = ceil(n / SYMBOLS_PER_STREAM)``): longer streams cost
-fewer state bytes, shorter ones mean fewer lockstep steps (the per-step op overhead is paid once
-per step, whatever the width). On the SmolLM2-scale benchmark 2048 vs 4096: +0.46% vs +0.28%
-over the entropy, 10-17% faster whole-model decode and half the time per lazy single-layer pass
-(see docs/BENCHMARKS.md). The decoder reads the stream count from each payload's meta."""
+fewer state bytes, shorter ones mean fewer lockstep steps but more streams per step. On the
+SmolLM2-scale benchmark with core 1 free (docs/BENCHMARKS.md, stream length sweep) 4096 decoded
+fastest (+0.48% over the entropy incl. tables) ahead of 2048 (+0.66%); 2048 halves the time of a
+small (lazy-mode) pass. The decoder reads the stream count from each payload's meta."""
 FORMAT: str = "acip-rans32x16"
 
 __all__ = [
