@@ -197,8 +197,9 @@ class ScoreMap:
 
         Layers in ``lift`` (default: all) that the prefix takes past their break-even rank are
         stored dense and keep all their directions (see :meth:`RankAllocator.ranks`); pass
-        ``model.liftable_layers()`` for a parametrized model with trained adapters. Monotone in ``ratio``. Warns when ``ratio`` is below the ratio the run was trained down to
-        (those directions were never scored by training: their order is a guess).
+        ``model.liftable_layers()`` for a parametrized model with trained adapters. Monotone in
+        ``ratio``. Warns when ``ratio`` is below the ratio the run was trained down to (those
+        directions were never scored by training: their order is a guess).
         """
         ratio = check_ratio(ratio)
         if warn and self.stop_ratio is not None and ratio < self.stop_ratio - 1e-9:

@@ -12,18 +12,16 @@ the activation-aware baseline (scores ``s_j / ||s||_2`` of ``W L``).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .parametrize import find_target_modules
-from .score_map import atomic_write
-
-if TYPE_CHECKING:
-    from .score_map import ScoreMap
+from .parametrize import find_target_modules, parametrize
+from .score_map import ScoreMap, atomic_write
 
 __all__ = ["activation_aware", "calibrate_whitening", "save_whitening", "load_whitening"]
 
@@ -80,7 +78,7 @@ def activation_aware(
     exclude_modules: str | list[str] | None = None,
     svd_dtype: torch.dtype = torch.float32,
     damp: float = 1e-2,
-) -> "ScoreMap":
+) -> ScoreMap:
     """The activation-aware baseline in one call: calibrate, parametrize ``W L``, rank by ``s_j``.
 
     ``model`` is left untouched (a deep copy is parametrized). Returns a score map bound to the
@@ -88,11 +86,6 @@ def activation_aware(
     written beside it) work like for any other score map. ``batches`` yields ``input_ids``
     tensors of training-domain text: quality outside that domain can collapse (docs/BENCHMARKS.md).
     """
-    import copy
-
-    from .parametrize import parametrize
-    from .score_map import ScoreMap
-
     factors = calibrate_whitening(model, batches, target_modules, exclude_modules, damp)
     white = parametrize(copy.deepcopy(model), target_modules=sorted(factors), svd_dtype=svd_dtype,
                         whitening=factors)

@@ -67,7 +67,7 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
                 small = acip.export(sm, ratio=rho, model=pm)
                 ppl[method][rho] = perplexity(small, None, windows, progress=False)
                 measured[method][rho] = float(small.config.acip_export["measured_ratio"])
-                ranks[method][rho] = sm.ranks_for(rho, warn=False, lift=pm.liftable_layers())
+                ranks[method][rho] = {n: e["rank"] for n, e in small.config.acip_layout.items()}  # as exported
                 del small
                 log(f"[acip] eval {method:16s} ratio {rho:.2f} (measured {measured[method][rho]:.3f}) "
                     f"ppl {ppl[method][rho]:.2f} [{time.perf_counter() - t0:.0f}s]")
