@@ -4,7 +4,7 @@
                                            [--ceiling DIR_OF_bench_ceiling.py]
 
 Rows, all on the same windows: fp32; ACIP exports (``acip.export`` from the run's score map, LoRA
-folded); the singular-value score map; the activation-aware (SVD-LLM whitened) score map
+folded); with ``acip_noad`` the same exports without the run's adapters (``adapters=False``); the singular-value score map; the activation-aware (SVD-LLM whitened) score map
 calibrated on KJV training windows. Domains: held-out KJV (the run trained on the first 90% of
 verses) and Python's own documentation (``pydoc`` text of standard-library modules), never used
 for training or calibration. With ``--ceiling`` (the output of ``scripts/bench_ceiling.py``) the dense
@@ -83,13 +83,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ceiling", type=Path, default=None, help="output dir of scripts/bench_ceiling.py")
     ap.add_argument("--label", default=None, help="column name of the ACIP run (default: run dir name)")
-    ap.add_argument("--rows", default="acip,ceiling,sv,aa",
-                    help="which rows to measure (fp32 always): acip, ceiling, sv, aa; e.g. run the ceiling "
-                         "later on its own with --rows ceiling (same windows: they are deterministic)")
+    ap.add_argument("--rows", default="acip,acip_noad,ceiling,sv,aa",
+                    help="which rows to measure (fp32 always): acip, acip_noad (the run's map exported without its "
+                         "adapters), ceiling, sv, aa; e.g. run the ceiling later on its own with --rows ceiling "
+                         "(same windows: they are deterministic)")
     args = ap.parse_args()
     rows = set(args.rows.split(","))
-    if rows - {"acip", "ceiling", "sv", "aa"}:
-        raise SystemExit(f"--rows: unknown {sorted(rows - {'acip', 'ceiling', 'sv', 'aa'})}; choose from acip, ceiling, sv, aa")
+    known = {"acip", "acip_noad", "ceiling", "sv", "aa"}
+    if rows - known:
+        raise SystemExit(f"--rows: unknown {sorted(rows - known)}; choose from {', '.join(sorted(known))}")
     torch.set_num_threads(args.threads)
     print(machine_header())
     sm = acip.ScoreMap.load(Path(args.run_dir) / "score_map.safetensors")
@@ -103,12 +105,15 @@ def main() -> None:
     results: dict[str, dict[str, dict[float, float]]] = {d: {} for d in domains}
     fp32 = {d: perplexity(base, tok, w, progress=False) for d, w in domains.items()}
 
-    for r in args.ratios if "acip" in rows else []:  # ACIP: real exports (LoRA folded), the model a user gets
-        small = acip.export(sm, r)
-        for d, w in domains.items():
-            results[d].setdefault(label, {})[r] = perplexity(small, tok, w, progress=False)
-        del small
-        print(f"ACIP {r}: " + ", ".join(f"{d} {results[d][label][r]:.4g}" for d in domains), flush=True)
+    variants = [(label, True)] if "acip" in rows else []
+    variants += [(label[:-1] + ", no adapters)", False)] if "acip_noad" in rows else []
+    for name, adapters in variants:  # real exports, the model a user gets
+        for r in args.ratios:
+            small = acip.export(sm, r, adapters=adapters)
+            for d, w in domains.items():
+                results[d].setdefault(name, {})[r] = perplexity(small, tok, w, progress=False)
+            del small
+            print(f"{name} {r}: " + ", ".join(f"{d} {results[d][name][r]:.4g}" for d in domains), flush=True)
     if args.ceiling is not None and "ceiling" in rows:
         ceil, name = ceiling_model(base, args.ceiling, run_steps)
         for d, w in domains.items():  # uncompressed: one figure, shown in every ratio row

@@ -22,7 +22,10 @@ def test_run_directory_holds_every_artifact_and_results_beat_nothing():
     assert (run / "plots/ratio_vs_ppl.png").read_bytes()[:4] == b"\x89PNG"
     res = json.loads((run / "results.json").read_text())
     assert res["reached_stop_ratio"] and res["final_size_ratio"] <= 0.5
-    assert set(res["ppl"]) == {"acip", "singular_values", "activation_aware"}
+    assert set(res["ppl"]) == {"acip", "acip_no_adapters", "singular_values", "activation_aware"}
+    # the trained map without its adapters: the same ranks budget, another model
+    assert res["measured_ratio"]["acip_no_adapters"].keys() == res["measured_ratio"]["acip"].keys()
+    assert res["ppl"]["acip_no_adapters"] != res["ppl"]["acip"]
     if "1" in res["ppl"]["acip"]:  # at full size both baselines are the untouched model
         assert res["ppl"]["activation_aware"]["1"] == pytest.approx(res["ppl"]["singular_values"]["1"], rel=1e-4)
     # the whitened basis orders directions differently: not a copy of the singular-value column
@@ -51,6 +54,18 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
+    # adapters=false: the truncation alone, saved beside it under its own default name
+    proc = subprocess.run([sys.executable, "-m", "acip.export", f"run_dir={run}", "ratio=0.6", "adapters=false"],
+                          env=child_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bare = acip.load(run / "export_r60-no-adapters")
+    assert bare.config.acip_export["adapters"] is False and acip.size_ratio(bare) <= 0.6
+    ref = acip.export(acip.ScoreMap.load(run / "score_map.safetensors"), ratio=0.6, adapters=False)
+    with torch.no_grad():
+        assert torch.allclose(bare(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
+    proc = subprocess.run([sys.executable, "-m", "acip.export", f"run_dir={run}", "ratio=0.6", "adapters=maybe"],
+                          env=child_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode != 0 and "adapters='maybe'" in proc.stderr and "adapters=false" in proc.stderr
 
 
 @pytest.mark.parametrize("entry", ["module", "console_script"])
@@ -131,7 +146,7 @@ def test_training_in_the_activation_aware_basis(tmp_path):
     res = json.loads((run / "results.json").read_text())
     # a whitened run's own untrained map is the activation-aware one (not evaluated twice); the
     # plain singular-value baseline comes from a plain parametrization of the untrained weights
-    assert set(res["ppl"]) == {"acip", "activation_aware", "singular_values"}
+    assert set(res["ppl"]) == {"acip", "acip_no_adapters", "activation_aware", "singular_values"}
     assert res["ppl"]["activation_aware"] != res["ppl"]["singular_values"]
     sm = acip.ScoreMap.load(run / "score_map.safetensors")
     assert sm.meta["whitening"] == "score_map.whitening.safetensors"

@@ -210,3 +210,29 @@ def test_dense_layers_keep_full_weight_unless_adapted(tiny_llama, tokens):
     assert ranks == sm.ranks_for(ratio, lift=pm.liftable_layers()) and ranks != prefix
     assert pm.active_ranks() == ranks
     pm.unprune()
+
+
+def test_export_without_adapters_is_the_untuned_truncation(tiny_llama, tokens):
+    """adapters=False: the same ranks as an adapter-free model (every layer liftable), factors
+    without the LoRA term, the source model untouched; a non-bool is refused."""
+    pm = acip.parametrize(tiny_llama, lora={"r": 2, "lora_alpha": 4})
+    sm = ScoreMap.from_singular_values(pm)
+    with torch.no_grad():
+        for l in pm.svd_layers().values():
+            l.lora_B.normal_(std=0.05)
+    with_ad = acip.export(sm, 0.6)
+    without = acip.export(sm, 0.6, adapters=False)
+    assert without.config.acip_export["adapters"] is False and with_ad.config.acip_export["adapters"] is True
+    saved = {n: l.lora_B.detach().clone() for n, l in pm.svd_layers().items()}
+    with torch.no_grad():  # the reference: the same model with its adapters zeroed
+        for l in pm.svd_layers().values():
+            l.lora_B.zero_()
+    reference = acip.export(sm, 0.6)
+    assert without.config.acip_layout == reference.config.acip_layout
+    with torch.no_grad():
+        assert torch.allclose(without(tokens).logits, reference(tokens).logits, atol=1e-5)
+        assert not torch.allclose(without(tokens).logits, with_ad(tokens).logits, atol=1e-3)
+        for n, l in pm.svd_layers().items():
+            l.lora_B.copy_(saved[n])
+    with pytest.raises(TypeError, match="adapters='no'"):
+        acip.export(sm, 0.6, adapters="no")

@@ -1,8 +1,9 @@
-"""``python -m acip.export run_dir=... ratio=0.6 [quantize=entropy quantize.lam=14.5] [out=...]``
+"""``python -m acip.export run_dir=... ratio=0.6 [quantize=entropy quantize.lam=14.5] [adapters=false] [out=...]``
 
 Loads ``<run_dir>/score_map.safetensors`` (the model source and the adapters location travel in
 its metadata), exports at ``ratio`` and saves with ``save_pretrained`` to ``out`` (default
-``<run_dir>/export_r<100*ratio>``, plus ``-<quantize>``). Reload with ``acip.load(out)``.
+``<run_dir>/export_r<100*ratio>``, plus ``-<quantize>``, plus ``-no-adapters`` with ``adapters=false``, which
+leaves the run's LoRA adapters out). Reload with ``acip.load(out)``.
 Arguments are ``key=value`` (Hydra-style overrides, without Hydra's output directories).
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any, Sequence
 
 __all__ = ["main", "parse_args"]
 
-USAGE = "usage: python -m acip.export run_dir=<run dir or score_map.safetensors> ratio=0.6 [quantize=entropy quantize.lam=14.5] [out=<dir>]"
-KEYS = {"run_dir", "ratio", "out", "quantize"}
+USAGE = "usage: python -m acip.export run_dir=<run dir or score_map.safetensors> ratio=0.6 [quantize=entropy quantize.lam=14.5] [adapters=false] [out=<dir>]"
+KEYS = {"run_dir", "ratio", "out", "quantize", "adapters"}
 
 
 def _value(text: str) -> Any:
@@ -68,9 +69,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ratio = float(args["ratio"])
     q = _quantize_spec(args.get("quantize"), args["quantize_args"])
     run_dir = sm.path.parent
-    suffix = f"-{args['quantize']}" if q is not None else ""
+    adapters = args.get("adapters", True)
+    if not isinstance(adapters, bool):
+        raise SystemExit(f"acip.export: adapters={adapters!r}; use adapters=true or adapters=false\n{USAGE}")
+    suffix = (f"-{args['quantize']}" if q is not None else "") + ("" if adapters else "-no-adapters")
     out = Path(args.get("out") or run_dir / f"export_r{int(round(100 * ratio))}{suffix}")
-    model = acip.export(sm, ratio=ratio, quantize=q)
+    model = acip.export(sm, ratio=ratio, quantize=q, adapters=adapters)
     rep = acip.size_report(model)
     model.save_pretrained(out)
     src = sm.source.get("model")

@@ -192,19 +192,21 @@ class SVDLinear(nn.Module):
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
-    def dense_weight(self, keep_idx: torch.Tensor) -> torch.Tensor:
+    def dense_weight(self, keep_idx: torch.Tensor, with_lora: bool = True) -> torch.Tensor:
         """``W_keep + s B A`` (out x in): exactly what the layer computes with only ``keep_idx`` active.
 
         ``W_keep = c * ortho[:, idx] @ base[idx]``. No re-truncation: a layer stored dense costs
-        ``in*out`` whatever its rank, so the adapter is folded in as is.
+        ``in*out`` whatever its rank, so the adapter is folded in as is. ``with_lora=False`` leaves
+        the adapter out (``W_keep`` alone).
         """
         w = (self.ortho.index_select(1, keep_idx) * self.mask_scaling) @ self.base.index_select(0, keep_idx)
-        if self.lora_A is not None:
+        if with_lora and self.lora_A is not None:
             w = w + self.lora_scaling * (self.lora_B.detach() @ self.lora_A.detach())
         return w
 
-    def factors(self, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact rank-r factors ``(up: out x r, down: r x in)`` of the kept directions, LoRA folded.
+    def factors(self, keep_idx: torch.Tensor, with_lora: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact rank-r factors ``(up: out x r, down: r x in)`` of the kept directions, LoRA folded
+        (``with_lora=False``: the truncation alone, ``U_r``, ``S_r V_r^T``).
 
         Without LoRA: ``up = c * ortho[:, idx]`` (= U_r), ``down = base[idx]`` (= S_r V_r^T).
         With LoRA, ``W = [U_r | s B] [base_r ; A]``. Write ``[U_r | sB] = Q1 R1`` and
@@ -216,7 +218,7 @@ class SVDLinear(nn.Module):
         """
         r = int(keep_idx.numel())
         dt = self.base.dtype
-        if self.lora_A is None or r == 0:
+        if not with_lora or self.lora_A is None or r == 0:
             return self.ortho.index_select(1, keep_idx) * self.mask_scaling, self.base.index_select(0, keep_idx)
         u = self.ortho.index_select(1, keep_idx).double() * self.mask_scaling
         base_r = self.base.index_select(0, keep_idx).double()

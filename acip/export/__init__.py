@@ -98,21 +98,29 @@ def export(
     ratio: float,
     model: Any = None,
     quantize: Any = None,
+    adapters: bool = True,
 ) -> nn.Module:
     """Export the model of ``score_map`` at size ``ratio`` (fraction of target-layer parameters).
 
     The returned model's measured ratio (``acip.size_ratio(model)``) is <= ``ratio`` and within
     one rank step of it. ``quantize`` optionally hands the result to ``acip.quant.apply``
     (an ``EntropyQuantConfig``, ``"entropy"`` or ``"nf4"``).
+
+    ``adapters=False`` exports the score map's truncation without the run's LoRA adapters: every
+    layer is then untuned, so a layer stored dense keeps its full ``W``. The adapters were trained
+    at the run's stop ratio; well above it they can hurt, most of all on text unlike the training
+    data (docs/BENCHMARKS.md), and the run's ``results.json`` measures both.
     """
     from transformers.initialization import no_init_weights
 
     ratio = check_ratio(ratio)
+    if not isinstance(adapters, bool):
+        raise TypeError(f"adapters={adapters!r}: pass True (fold the run's LoRA adapters in) or False (leave them out)")
     pm = model_for(score_map, model)
-    ranks = score_map.ranks_for(ratio, lift=pm.liftable_layers())
+    layers = pm.svd_layers()
+    ranks = score_map.ranks_for(ratio, lift=pm.liftable_layers() if adapters else set(layers))
     keep = score_map.keep_indices(ranks)
     src = pm.model
-    layers = pm.svd_layers()
     layout = {n: _layout_entry(l, ranks[n]) for n, l in layers.items()}
 
     config = copy.deepcopy(src.config)
@@ -124,6 +132,7 @@ def export(
         "method": score_map.method,
         "source": score_map.source.get("model"),
         "stop_ratio": score_map.stop_ratio,
+        "adapters": adapters,
     }
     with no_init_weights():
         new = type(src)(config)
@@ -139,12 +148,12 @@ def export(
         entry = layout[name]
         bias = None if layer.bias is None else layer.bias.clone()
         if entry["kind"] == "lowrank":
-            up, down = layer.factors(idx)
+            up, down = layer.factors(idx, with_lora=adapters)
             state[f"{name}.up.weight"], state[f"{name}.down.weight"] = up.contiguous(), down.contiguous()
             if bias is not None:
                 state[f"{name}.up.bias"] = bias
         else:  # stored dense: the kept directions plus the whole adapter, no re-truncation
-            w = layer.dense_weight(idx)
+            w = layer.dense_weight(idx, with_lora=adapters)
             target = new.get_submodule(name)
             state[f"{name}.weight"] = (w if isinstance(target, nn.Linear) else w.t()).contiguous()
             if bias is not None:

@@ -121,7 +121,8 @@ def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.eval.enabled:
         callbacks.append(FinalEvaluation(run_dir, recorder, tok, heldout_texts, list(cfg.eval.ratios), cfg.eval.seq_len,
                                          cfg.eval.max_windows, cfg.eval.baseline, stopper=stopper, calib_texts=train_texts,
-                                         calib_windows=int(cfg.eval.get("activation_aware_windows", 0) or 0)))
+                                         calib_windows=int(cfg.eval.get("activation_aware_windows", 0) or 0),
+                                         no_adapters=bool(cfg.eval.get("no_adapters", True))))
     if cfg.get("debug", {}).get("step_delay_s", 0):
         callbacks.append(_step_delay(float(cfg.debug.step_delay_s)))
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}", auto_insert_metric_name=False,

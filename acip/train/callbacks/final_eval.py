@@ -1,7 +1,9 @@
 """Final evaluation: held-out perplexity at the test ratios, ACIP vs the no-training baselines.
 
 For each test ratio rho: ``acip.export(score_map, rho)`` from the score map in memory (bound to
-the trained model, LoRA folded in), and the same for ``ScoreMap.from_singular_values`` on the
+the trained model, LoRA folded in); for a run with adapters also ``adapters=False`` (column
+``acip_no_adapters``: the adapters are trained at the stop ratio and can hurt well above it); and
+the same for ``ScoreMap.from_singular_values`` on the
 *untrained* weights (the LoRA factors are zeroed for the baseline, which makes the folded
 factors exactly ``U_r, S_r V_r^T``). Optionally also the activation-aware baseline (SVD-LLM
 style): ``W L = U S V^T`` with ``L`` the Cholesky factor of ``X^T X`` of each layer's inputs on
@@ -51,20 +53,25 @@ def lora_disabled(pm: Any) -> Iterator[None]:
 
 def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratios: Sequence[float],
                         pm: Any, log: Any = print) -> dict[str, Any]:
-    """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting each map at each ratio."""
+    """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting each map at each ratio.
+
+    A value of ``score_maps`` is a ScoreMap, or ``(ScoreMap, export_kwargs)``, e.g.
+    ``(sm, {"adapters": False})`` for the trained map exported without its adapters.
+    """
     import acip
     from acip.eval.perplexity import perplexity
 
     ppl: dict[str, dict[float, float]] = {}
     measured: dict[str, dict[float, float]] = {}
     ranks: dict[str, dict[float, dict[str, int]]] = {}
-    for method, sm in score_maps.items():
+    for method, entry in score_maps.items():
+        sm, kwargs = entry if isinstance(entry, tuple) else (entry, {})
         ppl[method], measured[method], ranks[method] = {}, {}, {}
         ctx = lora_disabled(pm) if method in ("singular_values", "activation_aware") else contextlib.nullcontext()
         with ctx:
             for rho in ratios:
                 t0 = time.perf_counter()
-                small = acip.export(sm, ratio=rho, model=pm)
+                small = acip.export(sm, ratio=rho, model=pm, **kwargs)
                 ppl[method][rho] = perplexity(small, None, windows, progress=False)
                 measured[method][rho] = float(small.config.acip_export["measured_ratio"])
                 ranks[method][rho] = {n: e["rank"] for n, e in small.config.acip_layout.items()}  # as exported
@@ -92,7 +99,7 @@ class FinalEvaluation(pl.Callback):
                  ratios: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4), seq_len: int = 256,
                  max_windows: int | None = 40, baseline: bool = True, stopper: Any = None,
                  extra: dict | None = None, calib_texts: Sequence[str] | None = None,
-                 calib_windows: int = 0) -> None:
+                 calib_windows: int = 0, no_adapters: bool = True) -> None:
         from acip.core.score_map import check_ratio
 
         self.run_dir, self.recorder, self.tokenizer = Path(run_dir), recorder, tokenizer
@@ -104,6 +111,7 @@ class FinalEvaluation(pl.Callback):
             raise ValueError(f"calib_windows={calib_windows} needs calibration texts (the training text); "
                              f"pass calib_texts or set eval.activation_aware_windows=0")
         self.calib_texts, self.calib_windows = list(calib_texts or []), int(calib_windows)
+        self.no_adapters = bool(no_adapters)
         self.results: dict[str, Any] | None = None
         self.t_start = time.time()
 
@@ -126,7 +134,9 @@ class FinalEvaluation(pl.Callback):
         pm = pl_module.pm
         pm.eval()
         windows = token_windows(self.tokenizer, self.heldout_texts, self.seq_len, self.max_windows)
-        maps = {"acip": self.recorder.ensure(pl_module)}
+        maps: dict[str, Any] = {"acip": self.recorder.ensure(pl_module)}
+        if self.no_adapters and pm.lora_parameters():  # the same map, the run's adapters left out
+            maps["acip_no_adapters"] = (maps["acip"], {"adapters": False})
         if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
             base_map = ScoreMap.from_singular_values(pm)
             maps[base_map.method] = base_map
