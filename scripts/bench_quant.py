@@ -170,7 +170,7 @@ def minilm_table(n_verses: int, **rows_kw: Any) -> list[dict]:
 
 
 def pareto_table(model: nn.Module, tok: Any, windows: int, ratios: tuple[float, ...], lams: tuple[float, ...],
-                 score_map: str | None = None) -> list[dict]:
+                 score_map: str | None = None, adapters: bool = True) -> list[dict]:
     _, heldout = acip.data.kjv_split()
     ids = acip.eval.token_windows(tok, heldout, seq_len=256, max_windows=windows)
     if score_map:  # a trained run's map: rebuilt from its recorded base model, adapters loaded
@@ -180,7 +180,7 @@ def pareto_table(model: nn.Module, tok: Any, windows: int, ratios: tuple[float, 
     dense_params = linear_params(model)  # bits below are per parameter of the original dense layers
     rows = []
     for ratio in ratios:
-        small = acip.export(sm, ratio=ratio)
+        small = acip.export(sm, ratio=ratio, adapters=adapters)
         dense_ppl = acip.eval.perplexity(small, tok, ids, progress=False)
         params = linear_params(small)
         rows.append({"ratio": ratio, "lam": None, "target_bytes": params * 4, "bits": 32.0 * params / dense_params,
@@ -251,6 +251,7 @@ def main() -> None:
     ap.add_argument("--lams", default=",".join(f"{x:g}" for x in LAMS), help="lam values of our rows")
     ap.add_argument("--no-peers", action="store_true", help="only fp32 and our rows (no NF4/HQQ)")
     ap.add_argument("--score-map", default=None, help="pareto: a trained run's score_map.safetensors")
+    ap.add_argument("--no-adapters", action="store_true", help="pareto: export without the run's adapters")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = ap.parse_args()
     tables = set(args.tables.split(","))
@@ -285,7 +286,8 @@ def main() -> None:
         print(json.dumps(res["decode"], indent=1), flush=True)
     if "pareto" in tables:
         print(f"\n## ACIP export x entropy quantization ({args.score_map or 'singular-value score map'})", flush=True)
-        res["pareto"] = pareto_table(model, tok, args.windows, (0.8, 0.6), (3.9, 14.5), args.score_map)
+        res["pareto"] = pareto_table(model, tok, args.windows, (0.8, 0.6), (3.9, 14.5), args.score_map,
+                                      adapters=not args.no_adapters)
         print(md(res["pareto"], [("ratio", "ratio", "{}"), ("lam", "lam", "{}"), ("target_bytes", "linear bytes", "{}"),
                                  ("bits", "bits/original param", "{:.3f}"), ("model_bytes", "model bytes", "{}"),
                                  ("ppl", "KJV ppl", "{:.2f}")]), flush=True)
