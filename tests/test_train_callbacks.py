@@ -9,7 +9,7 @@ import torch
 
 import acip
 from acip.train.callbacks import Monitor, PostTuning, RegularizationSchedule, ScoreMapRecorder, StopAtRatio
-from acip.train.callbacks.final_eval import format_table, lora_disabled, metric_key
+from acip.train.callbacks.final_eval import evaluate_score_maps, format_table, metric_key
 from acip.train.callbacks.schedule import l1_weight_at
 from acip.train.callbacks.stopping import check_stop_ratio
 
@@ -146,22 +146,28 @@ def test_monitor_writes_metrics_csv_with_the_monitored_quantities(tmp_path):
     assert int(rows[0][f"rank/{next(iter(pm.masks()))}"]) == next(iter(pm.masks().values())).numel()
 
 
-def test_lora_disabled_restores_adapters_and_table_formatting():
+def test_baselines_are_evaluated_without_the_trained_adapters_and_table_formatting():
     pm = tiny_pm(lora={"r": 2, "lora_alpha": 4})
-    layer = next(iter(pm.svd_layers().values()))
     with torch.no_grad():
-        layer.lora_B.fill_(0.5)
-    ids = torch.randint(0, 50, (1, 6))
-    lora_a = layer.lora_A
-    with lora_disabled(pm):
-        assert layer.lora_A is None and layer.lora_B is None
-        plain = acip.export(acip.ScoreMap.from_singular_values(pm), ratio=1.0, model=pm)
-    assert layer.lora_A is lora_a and float(layer.lora_B.detach().mean()) == 0.5
-    with torch.no_grad():  # the baseline export ignores the (non-zero) adapters
+        for l in pm.svd_layers().values():
+            l.lora_B.fill_(0.05)
+    ids = torch.randint(0, 50, (2, 8))
+    sv = acip.ScoreMap.from_singular_values(pm)
+    ev = evaluate_score_maps({"singular_values": sv, "acip": sv}, ids, [1.0], pm, log=lambda *_: None)
+    plain = acip.export(sv, ratio=1.0, model=pm, adapters=False)
+    assert float(pm.svd_layers()[next(iter(pm.svd_layers()))].lora_B.mean()) == pytest.approx(0.05)  # untouched
+    with torch.no_grad():  # the baseline is the untrained model: adapters left out, nothing else
         pm.model.eval()
+        saved = [l.lora_B.clone() for l in pm.svd_layers().values()]
         for l in pm.svd_layers().values():
             l.lora_B.zero_()
         assert torch.allclose(plain(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
+        for l, b in zip(pm.svd_layers().values(), saved):
+            l.lora_B.copy_(b)
+    from acip.eval.perplexity import perplexity
+
+    assert ev["ppl"]["singular_values"][1.0] == pytest.approx(perplexity(plain, None, ids, progress=False), rel=1e-5)
+    assert ev["ppl"]["acip"][1.0] != pytest.approx(ev["ppl"]["singular_values"][1.0], rel=1e-3)  # adapters folded
     assert metric_key("acip", 0.5) == "final/ppl_acip_r50"
     table = format_table([1.0, 0.5], {"acip": {1.0: 10.0, 0.5: 20.123}, "sv": {1.0: 10.0, 0.5: float("inf")}})
     assert "| 0.50 | 20.12 | inf |" in table

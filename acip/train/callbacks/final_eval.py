@@ -3,9 +3,8 @@
 For each test ratio rho: ``acip.export(score_map, rho)`` from the score map in memory (bound to
 the trained model, LoRA folded in); for a run with adapters also ``adapters=False`` (column
 ``acip_no_adapters``: the adapters are trained at the stop ratio and can hurt well above it); and
-the same for ``ScoreMap.from_singular_values`` on the
-*untrained* weights (the LoRA factors are zeroed for the baseline, which makes the folded
-factors exactly ``U_r, S_r V_r^T``). Optionally also the activation-aware baseline (SVD-LLM
+the same for ``ScoreMap.from_singular_values`` on the *untrained* weights (exported with
+``adapters=False``, which makes the factors exactly ``U_r, S_r V_r^T``). Optionally also the activation-aware baseline (SVD-LLM
 style): ``W L = U S V^T`` with ``L`` the Cholesky factor of ``X^T X`` of each layer's inputs on
 ``calib_windows`` training windows, directions ranked by their singular values (see
 :mod:`acip.core.whiten`). Perplexity is measured on the same held-out windows; the
@@ -14,12 +13,11 @@ ratio reported is the measured one of the exported model. Writes ``results.json`
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -32,23 +30,6 @@ __all__ = ["FinalEvaluation", "evaluate_score_maps", "format_table", "metric_key
 def metric_key(method: str, ratio: float) -> str:
     """``final/ppl_acip_r50`` for ratio 0.5 (no dots: W&B sweeps read it as a flat key)."""
     return f"final/ppl_{method}_r{int(round(100 * ratio))}"
-
-
-@contextlib.contextmanager
-def lora_disabled(pm: Any) -> Iterator[None]:
-    """Temporarily detach every layer's LoRA factors (the layer is then exactly ``U S V^T``).
-
-    Export then takes its no-LoRA path (plain index selection, no QR re-truncation), which is
-    what the untrained baseline needs; the factors are put back afterwards.
-    """
-    saved = [(l, l.lora_A, l.lora_B) for l in pm.svd_layers().values() if l.lora_A is not None]
-    try:
-        for l, _, _ in saved:
-            l.lora_A, l.lora_B = None, None
-        yield
-    finally:
-        for l, a, b in saved:
-            l.lora_A, l.lora_B = a, b
 
 
 def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratios: Sequence[float],
@@ -66,18 +47,18 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
     ranks: dict[str, dict[float, dict[str, int]]] = {}
     for method, entry in score_maps.items():
         sm, kwargs = entry if isinstance(entry, tuple) else (entry, {})
+        if method in ("singular_values", "activation_aware"):  # untrained baselines: the trained adapters left out
+            kwargs = {**kwargs, "adapters": False}
         ppl[method], measured[method], ranks[method] = {}, {}, {}
-        ctx = lora_disabled(pm) if method in ("singular_values", "activation_aware") else contextlib.nullcontext()
-        with ctx:
-            for rho in ratios:
-                t0 = time.perf_counter()
-                small = acip.export(sm, ratio=rho, model=pm, **kwargs)
-                ppl[method][rho] = perplexity(small, None, windows, progress=False)
-                measured[method][rho] = float(small.config.acip_export["measured_ratio"])
-                ranks[method][rho] = {n: e["rank"] for n, e in small.config.acip_layout.items()}  # as exported
-                del small
-                log(f"[acip] eval {method:16s} ratio {rho:.2f} (measured {measured[method][rho]:.3f}) "
-                    f"ppl {ppl[method][rho]:.2f} [{time.perf_counter() - t0:.0f}s]")
+        for rho in ratios:
+            t0 = time.perf_counter()
+            small = acip.export(sm, ratio=rho, model=pm, **kwargs)
+            ppl[method][rho] = perplexity(small, None, windows, progress=False)
+            measured[method][rho] = float(small.config.acip_export["measured_ratio"])
+            ranks[method][rho] = {n: e["rank"] for n, e in small.config.acip_layout.items()}  # as exported
+            del small
+            log(f"[acip] eval {method:16s} ratio {rho:.2f} (measured {measured[method][rho]:.3f}) "
+                f"ppl {ppl[method][rho]:.2f} [{time.perf_counter() - t0:.0f}s]")
     return {"ppl": ppl, "measured_ratio": measured, "ranks": ranks}
 
 
@@ -191,8 +172,7 @@ class FinalEvaluation(pl.Callback):
         import acip
         from acip import ScoreMap
 
-        with lora_disabled(pm):
-            return acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm)
+        return acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm, adapters=False)
 
     def plain_singular_values(self, pm: Any) -> tuple[Any, Any]:
         """(plain-SVD parametrized copy of the untrained model, its singular-value score map)."""
