@@ -4,8 +4,9 @@
                                            [--ceiling DIR_OF_bench_ceiling.py]
 
 Rows, all on the same windows: fp32; ACIP exports (``acip.export`` from the run's score map, LoRA
-folded); with ``acip_noad`` the same exports without the run's adapters (``adapters=False``); the singular-value score map; the activation-aware (SVD-LLM whitened) score map
-calibrated on KJV training windows. Domains: held-out KJV (the run trained on the first 90% of
+folded); with ``acip_noad`` the same exports without the run's adapters (``adapters=False``);
+the singular-value score map; the activation-aware (SVD-LLM whitened) score map calibrated on KJV
+training windows. Domains: held-out KJV (the run trained on the first 90% of
 verses) and Python's own documentation (``pydoc`` text of standard-library modules), never used
 for training or calibration. With ``--ceiling`` (the output of ``scripts/bench_ceiling.py``) the dense
 model with the run's LoRA tuning budget is one more row: the in-domain ceiling, evaluated with the
@@ -96,7 +97,7 @@ def main() -> None:
     print(machine_header())
     sm = acip.ScoreMap.load(Path(args.run_dir) / "score_map.safetensors")
     run_steps = int(sm.meta.get("global_step", 0))
-    label = f"ACIP ({args.label or Path(args.run_dir).name}, {run_steps} steps)"
+    run_name = f"{args.label or Path(args.run_dir).name}, {run_steps} steps"
     base, tok = acip.load_base(sm.source["model"])
     train, held = acip.data.kjv_split()
     domains = {"KJV held-out": token_windows(tok, held, 256, args.windows),
@@ -105,8 +106,8 @@ def main() -> None:
     results: dict[str, dict[str, dict[float, float]]] = {d: {} for d in domains}
     fp32 = {d: perplexity(base, tok, w, progress=False) for d, w in domains.items()}
 
-    variants = [(label, True)] if "acip" in rows else []
-    variants += [(label[:-1] + ", no adapters)", False)] if "acip_noad" in rows else []
+    variants = [(f"ACIP ({run_name})", True)] if "acip" in rows else []
+    variants += [(f"ACIP ({run_name}, no adapters)", False)] if "acip_noad" in rows else []
     for name, adapters in variants:  # real exports, the model a user gets
         for r in args.ratios:
             small = acip.export(sm, r, adapters=adapters)

@@ -153,7 +153,8 @@ def test_baselines_are_evaluated_without_the_trained_adapters_and_table_formatti
             l.lora_B.fill_(0.05)
     ids = torch.randint(0, 50, (2, 8))
     sv = acip.ScoreMap.from_singular_values(pm)
-    ev = evaluate_score_maps({"singular_values": sv, "acip": sv}, ids, [1.0], pm, log=lambda *_: None)
+    ev = evaluate_score_maps({"singular_values": (sv, {"adapters": False}), "acip": sv}, ids, [1.0], pm,
+                             log=lambda *_: None)
     plain = acip.export(sv, ratio=1.0, model=pm, adapters=False)
     assert float(pm.svd_layers()[next(iter(pm.svd_layers()))].lora_B.mean()) == pytest.approx(0.05)  # untouched
     with torch.no_grad():  # the baseline is the untrained model: adapters left out, nothing else

@@ -4,10 +4,10 @@ For each test ratio rho: ``acip.export(score_map, rho)`` from the score map in m
 the trained model, LoRA folded in); for a run with adapters also ``adapters=False`` (column
 ``acip_no_adapters``: the adapters are trained at the stop ratio and can hurt well above it); and
 the same for ``ScoreMap.from_singular_values`` on the *untrained* weights (exported with
-``adapters=False``, which makes the factors exactly ``U_r, S_r V_r^T``). Optionally also the activation-aware baseline (SVD-LLM
-style): ``W L = U S V^T`` with ``L`` the Cholesky factor of ``X^T X`` of each layer's inputs on
-``calib_windows`` training windows, directions ranked by their singular values (see
-:mod:`acip.core.whiten`). Perplexity is measured on the same held-out windows; the
+``adapters=False``, which makes the factors exactly ``U_r, S_r V_r^T``). Optionally also the
+activation-aware baseline (SVD-LLM style): ``W L = U S V^T`` with ``L`` the Cholesky factor of
+``X^T X`` of each layer's inputs on ``calib_windows`` training windows, directions ranked by
+their singular values (see :mod:`acip.core.whiten`). Perplexity is measured on the same held-out windows; the
 ratio reported is the measured one of the exported model. Writes ``results.json`` and
 ``plots/*.png`` (rank 0), logs images, a table and ``final/ppl_<method>_r<100*rho>`` scalars.
 """
@@ -37,7 +37,8 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
     """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting each map at each ratio.
 
     A value of ``score_maps`` is a ScoreMap, or ``(ScoreMap, export_kwargs)``, e.g.
-    ``(sm, {"adapters": False})`` for the trained map exported without its adapters.
+    ``(sm, {"adapters": False})`` for the trained map exported without its adapters, or for an
+    untrained baseline on a model whose adapters were trained.
     """
     import acip
     from acip.eval.perplexity import perplexity
@@ -47,8 +48,6 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
     ranks: dict[str, dict[float, dict[str, int]]] = {}
     for method, entry in score_maps.items():
         sm, kwargs = entry if isinstance(entry, tuple) else (entry, {})
-        if method in ("singular_values", "activation_aware"):  # untrained baselines: the trained adapters left out
-            kwargs = {**kwargs, "adapters": False}
         ppl[method], measured[method], ranks[method] = {}, {}, {}
         for rho in ratios:
             t0 = time.perf_counter()
@@ -119,8 +118,8 @@ class FinalEvaluation(pl.Callback):
         if self.no_adapters and pm.lora_parameters():  # the same map, the run's adapters left out
             maps["acip_no_adapters"] = (maps["acip"], {"adapters": False})
         if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
-            base_map = ScoreMap.from_singular_values(pm)
-            maps[base_map.method] = base_map
+            base_map = ScoreMap.from_singular_values(pm)  # untrained: the adapters left out
+            maps[base_map.method] = (base_map, {"adapters": False})
         t0 = time.time()
         ev = evaluate_score_maps(maps, windows, self.ratios, pm)
         extra_maps = []
