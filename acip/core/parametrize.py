@@ -2,100 +2,74 @@
 
 The returned :class:`ACIPModel` wraps the transformers model like a peft model does: ``forward``,
 ``generate``, attribute access and ``config`` go to the wrapped model, while the ACIP-specific
-views (masks, sizes, reversible pruning, adapters) live on the wrapper.
+views (masks, sizes, reversible pruning, adapters) live on the wrapper. ``acip_config`` (an
+:class:`ACIPConfig`) is the saved contract: :meth:`ACIPModel.save_pretrained` writes it with
+the masks, adapters, basis and score map, and :meth:`ACIPModel.from_pretrained` rebuilds
+exactly that model from its base model, nothing else.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ACIPConfig, BaseSource, ConfigError
+from .io import ArtifactError, atomic_write, read_tensors, save_tensors
+from .score_map import FORMAT as SCORE_MAP_FORMAT
+from .score_map import ScoreMap, ScoreMapError
+from .surgery import NoTargetLayersError, find_targets, replace_module
 from .svd_linear import SVDLinear
 
-if TYPE_CHECKING:
-    from .score_map import ScoreMap
+__all__ = ["ACIPModel", "parametrize", "NoTargetLayersError", "BasisMismatchError",
+           "CONFIG_FILE", "STATE_FILE", "SCORE_MAP_FILE"]
 
-__all__ = ["ACIPModel", "parametrize", "parametrize_like", "find_target_modules", "NoTargetLayersError"]
-
-ADAPTER_FILE = "acip_adapters.safetensors"
-ADAPTER_CONFIG = "acip_config.json"
-
-
-class NoTargetLayersError(ValueError):
-    """The model has no layer that the target/exclude patterns select."""
+CONFIG_FILE = "acip_config.json"
+STATE_FILE = "acip_state.safetensors"
+SCORE_MAP_FILE = "score_map.safetensors"
+STATE_FORMAT = "acip.model/1"
+_OVERRIDES = ("target_modules", "exclude_modules", "mask_scaling", "lora", "svd_dtype")
 
 
-def _is_linear_like(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+class BasisMismatchError(ValueError):
+    """A re-computed SVD basis differs from the one the masks were trained in."""
 
 
-def _matches(name: str, patterns: str | Iterable[str]) -> bool:
-    """A string pattern is a full-match regex; a list matches names equal to or ending in ``.item``."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+def _fingerprint(layer: SVDLinear) -> torch.Tensor:
+    """Sign-invariant fingerprint of each direction ``j``: ``(u_j . y)(b_j . x) / (|u_j||b_j|)``.
 
-
-def find_target_modules(
-    model: nn.Module,
-    target_modules: str | list[str] = "all-linear",
-    exclude_modules: str | list[str] | None = None,
-) -> list[str]:
-    """Names of the layers to parametrize, in module order.
-
-    ``"all-linear"`` selects every ``nn.Linear`` (and GPT-2 ``Conv1D``) except the output
-    embedding (lm_head) and anything inside an embedding module. A list selects layers whose name
-    equals or ends with one of its items (``["q_proj", "v_proj"]``); a string is a regex that must
-    match the whole name.
+    ``u_j`` = column j of ``ortho``, ``b_j`` = row j of ``base``; ``x``, ``y`` are fixed unit
+    vectors (seeded). An SVD may flip the sign of a pair (u_j, b_j): the product does not change.
     """
-    skip: set[int] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    if out_emb is not None:
-        skip.add(id(out_emb))
-    names = []
-    for name, mod in model.named_modules():
-        if not name or id(mod) in skip:
-            continue
-        if target_modules == "all-linear":
-            if not _is_linear_like(mod):
-                continue
-        elif not _matches(name, target_modules):
-            continue
-        if exclude_modules and _matches(name, exclude_modules):
-            continue
-        if not _is_linear_like(mod):
-            raise TypeError(
-                f"target module {name!r} is a {type(mod).__name__}, not nn.Linear; acip only "
-                f"parametrizes linear layers. Narrow target_modules or add it to exclude_modules."
-            )
-        names.append(name)
-    if not names:
-        raise NoTargetLayersError(
-            f"no target layers in {type(model).__name__} for target_modules={target_modules!r}, "
-            f"exclude_modules={exclude_modules!r}. Linear layers present: "
-            f"{[n for n, m in model.named_modules() if _is_linear_like(m)][:8]}. "
-            f"Use target_modules='all-linear' or list names that exist."
-        )
-    return names
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(layer.in_features, generator=g, dtype=torch.float64)
+    y = torch.randn(layer.out_features, generator=g, dtype=torch.float64)
+    x, y = x / x.norm(), y / y.norm()
+    u, b = layer.ortho.detach().double().cpu(), layer.base.detach().double().cpu()
+    num = (y @ u) * (b @ x)
+    return (num / (u.norm(dim=0) * b.norm(dim=1)).clamp_min(1e-30)).float()
 
 
 class ACIPModel(nn.Module):
-    """A transformers model whose target linears are :class:`SVDLinear` layers."""
+    """A transformers model whose target linears are :class:`SVDLinear` layers.
 
-    def __init__(self, model: nn.Module, layer_names: list[str], settings: dict, source: dict) -> None:
+    ``acip_config`` describes the parametrization (``layers`` resolved); ``basis`` holds the
+    whitening factors of an activation-aware basis (else None); ``score_map`` is the run's
+    score map once there is one (saved and loaded with the model).
+    """
+
+    def __init__(self, model: nn.Module, config: ACIPConfig, basis: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
+        if config.layers is None:
+            raise ConfigError("an ACIPModel needs a config with resolved layers (use acip.parametrize)")
         self.model = model
-        self._layer_names = list(layer_names)
-        self._settings = dict(settings)
-        self.source = dict(source)
-        self.whitening: dict[str, torch.Tensor] | None = None  # activation-aware basis, if any
+        self.acip_config = config
+        self.basis = basis
+        self.score_map: ScoreMap | None = None
 
     # ------------------------------------------------------------------ behave like the model
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,12 +85,8 @@ class ACIPModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     # ------------------------------------------------------------------ views
-    def settings(self) -> dict:
-        """The arguments that rebuild this parametrization (exact layer names included)."""
-        return {**self._settings, "layers": list(self._layer_names)}
-
     def svd_layers(self) -> dict[str, SVDLinear]:
-        return {n: self.model.get_submodule(n) for n in self._layer_names}
+        return {n: self.model.get_submodule(n) for n in self.acip_config.layers}
 
     def masks(self) -> dict[str, nn.Parameter]:
         return {n: l.mask for n, l in self.svd_layers().items()}
@@ -158,12 +128,10 @@ class ACIPModel(nn.Module):
     def prune(self, ratio: float, score_map: "ScoreMap | None" = None) -> dict[str, int]:
         """Keep only each layer's best-scored directions at ``ratio`` (masks untouched).
 
-        Uses ``score_map`` (default: the singular-value baseline). Undo with :meth:`unprune`.
-        Returns the ranks.
+        Uses ``score_map`` (default: this model's own ``score_map``, else the singular-value
+        baseline). Undo with :meth:`unprune`. Returns the ranks.
         """
-        from .score_map import ScoreMap
-
-        sm = score_map if score_map is not None else ScoreMap.from_singular_values(self)
+        sm = score_map if score_map is not None else self.score_map or ScoreMap.from_singular_values(self)
         sm.check_compatible(self)
         ranks = sm.ranks_for(ratio, lift=self.liftable_layers())
         keep = sm.keep_indices(ranks)
@@ -186,7 +154,7 @@ class ACIPModel(nn.Module):
         for l in self.svd_layers().values():
             l.keep = None
 
-    # ------------------------------------------------------------------ adapters
+    # ------------------------------------------------------------------ adapters and persistence
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Masks and LoRA factors: everything a run trains."""
         out = {}
@@ -197,61 +165,158 @@ class ACIPModel(nn.Module):
                 out[f"{n}.lora_B"] = l.lora_B.detach().cpu().contiguous()
         return out
 
-    def save_adapters(self, path: str | os.PathLike) -> Path:
-        """Write masks + LoRA (``acip_adapters.safetensors``) and ``acip_config.json`` atomically."""
-        from .score_map import atomic_write
+    def save_pretrained(self, path: str | os.PathLike, save_factors: bool = False) -> Path:
+        """Write this parametrized model's own description into directory ``path``.
 
+        ``acip_state.safetensors`` is the one file that commits a save (written atomically, every
+        tensor and the header under sha256): the config, masks, LoRA factors, the basis
+        (whitening factors, for the activation-aware basis), a sign-invariant fingerprint of
+        every layer's SVD and the score map's scores. ``acip_config.json`` (readable copy of the
+        config) and ``score_map.safetensors`` (the map on its own) are written beside it.
+        ``save_factors=True`` also stores ``ortho`` and ``base``, so a load elsewhere does not
+        depend on the SVD coming out the same. Other files in ``path`` are left alone (a run
+        directory holds logs and checkpoints too).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = self.adapter_state()
-        atomic_write(path / ADAPTER_FILE, lambda tmp: save_file(state, tmp))
-        cfg = {"settings": self.settings(), "source": self.source}
-        atomic_write(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        from acip import __version__
+
+        tensors = dict(self.adapter_state())
+        for n, l in self.svd_layers().items():
+            tensors[f"{n}.singular_values"] = l.singular_values.detach().float().cpu()
+            tensors[f"{n}.fingerprint"] = _fingerprint(l)
+            if self.basis is not None:
+                tensors[f"{n}.whitening"] = self.basis[n].detach().cpu()
+            if save_factors:
+                tensors[f"{n}.ortho"], tensors[f"{n}.base"] = l.ortho.detach().cpu(), l.base.detach().cpu()
+        sm = self.score_map
+        if sm is not None:
+            sm.check_compatible(self)
+            tensors.update({f"score.{n}": s for n, s in sm.scores.items()})
+        cfg_json = self.acip_config.to_json()
+        meta = {
+            "format": STATE_FORMAT, "acip_version": __version__, "save_id": uuid.uuid4().hex,
+            "config": cfg_json, "save_factors": json.dumps(bool(save_factors)),
+            "score_map": json.dumps(None if sm is None else {"method": sm.method, "stop_ratio": sm.stop_ratio,
+                                                             "meta": sm.meta}),
+        }
+        if sm is not None:
+            sm.save(path / SCORE_MAP_FILE)
+        save_tensors(path / STATE_FILE, tensors, meta)  # the commit point
+        readable = {"format": STATE_FORMAT, "save_id": meta["save_id"], "config": self.acip_config.to_dict()}
+        atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(readable, indent=2)))
         return path
 
+    @classmethod
     @torch.no_grad()
-    def load_adapters(self, path: str | os.PathLike) -> None:
-        """Load what :meth:`save_adapters` wrote; shapes and names are checked."""
-        f = Path(path) / ADAPTER_FILE if Path(path).is_dir() else Path(path)
-        if not f.is_file():
-            raise FileNotFoundError(f"no adapters at {str(f)!r}; expected a directory with {ADAPTER_FILE}")
+    def from_pretrained(cls, path: str | os.PathLike, model: nn.Module | None = None, verify: bool = True,
+                        dtype: torch.dtype | None = None, basis_tolerance: float = 5e-2) -> "ACIPModel":
+        """Rebuild exactly the model :meth:`save_pretrained` wrote, from its own saved description.
+
+        The base model comes from ``model`` (parametrized in place) or from the config's source.
+        The basis is the saved factors when present; otherwise the SVD is re-computed (in the saved
+        basis, with the saved whitening factors) and checked against the saved fingerprint: a
+        layer whose singular values differ by more than 1e-3 (relative) or whose directions'
+        fingerprints differ by more than ``basis_tolerance`` on over 1% of them raises
+        :class:`BasisMismatchError`.
+        """
+        path = Path(path)
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"no {STATE_FILE} in {str(path)!r}: not a saved ACIPModel (save one with "
+                                    f"ACIPModel.save_pretrained, or pass a run directory)")
+        state, meta = read_tensors(state_file, verify=verify, what="acip model state")
+        if meta.get("format") != STATE_FORMAT:
+            raise ArtifactError(f"{str(state_file)!r} has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
         try:
-            state = load_file(str(f))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise ValueError(f"adapter file {str(f)!r} is truncated or corrupted ({e})") from None
-        layers = self.svd_layers()
-        for key, t in state.items():
-            name, _, attr = key.rpartition(".")
-            if name not in layers:
-                raise ValueError(f"adapter file {str(f)!r} has {key!r}, but the model has no layer {name!r}")
-            l = layers[name]
-            if attr == "lora_A" and l.lora_A is None:
-                raise ValueError(
-                    f"adapter file has LoRA weights for {name!r} but the model was parametrized "
-                    f"without LoRA; parametrize with the same lora= config"
-                )
-            dst = getattr(l, attr)
-            if dst.shape != t.shape:
-                raise ValueError(f"{key}: shape {tuple(t.shape)} in file, {tuple(dst.shape)} in model")
-            dst.copy_(t)
+            config = ACIPConfig.from_dict(json.loads(meta["config"]))
+        except (KeyError, json.JSONDecodeError, ConfigError, TypeError) as e:
+            raise ArtifactError(f"{str(state_file)!r}: damaged config ({e})") from None
+        readable = path / CONFIG_FILE
+        if verify and readable.is_file():
+            try:
+                side = json.loads(readable.read_text())
+            except json.JSONDecodeError:
+                side = None
+            if not isinstance(side, dict) or side.get("config") != config.to_dict():
+                raise ArtifactError(f"{str(readable)!r} does not match the config saved in {STATE_FILE} (edited?). "
+                                    f"The state file is authoritative: delete {CONFIG_FILE} or restore it.")
+        layers = list(config.layers or ())
+        if model is None:
+            from .base import load_base
+
+            if not config.source.model:
+                raise ValueError(f"{str(path)!r} was saved from a model object, so its base model is unknown: "
+                                 f"pass it, ACIPModel.from_pretrained(path, model=base_model)")
+            model, _ = load_base(config.source.model, dtype=dtype or getattr(torch, config.source.dtype))
+        basis = {n: state[f"{n}.whitening"] for n in layers} if config.basis == "activation_aware" else None
+        factors = None
+        if json.loads(meta.get("save_factors", "false")):
+            factors = {n: (state[f"{n}.ortho"], state[f"{n}.base"], state[f"{n}.singular_values"]) for n in layers}
+        pm = parametrize(model, config, whitening=basis, _factors=factors)
+        if factors is None:
+            _check_basis(pm, state, state_file, basis_tolerance)
+        pm.load_adapter_state(state, str(state_file))
+        sm_meta = json.loads(meta.get("score_map", "null"))
+        if sm_meta is not None:
+            scores = {n: state[f"score.{n}"] for n in layers}
+            pm.score_map = ScoreMap._from_layers(pm, scores, sm_meta["method"], stop_ratio=sm_meta["stop_ratio"],
+                                                 meta=sm_meta["meta"])
+        return pm
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, torch.Tensor], where: str = "state") -> None:
+        """Copy masks and LoRA factors from ``state`` (names ``<layer>.mask`` ...); shapes checked."""
+        for name, l in self.svd_layers().items():
+            for attr in ("mask", "lora_A", "lora_B"):
+                key, dst = f"{name}.{attr}", getattr(l, attr)
+                if dst is None:
+                    if key in state:
+                        raise ArtifactError(f"{where} has {key!r} but the config has no LoRA")
+                    continue
+                if key not in state:
+                    raise ArtifactError(f"{where} has no {key!r}: the file is incomplete")
+                if tuple(state[key].shape) != tuple(dst.shape):
+                    raise ArtifactError(f"{where}: {key} has shape {tuple(state[key].shape)}, the model "
+                                        f"{tuple(dst.shape)}")
+                dst.copy_(state[key])
+
+
+def _check_basis(pm: ACIPModel, state: dict, where: Any, tol: float) -> None:
+    for n, l in pm.svd_layers().items():
+        s_old, s_new = state[f"{n}.singular_values"].double(), l.singular_values.double()
+        rel = ((s_old - s_new).abs().max() / s_old.abs().max().clamp_min(1e-30)).item()
+        dev = (state[f"{n}.fingerprint"].double() - _fingerprint(l).double()).abs()
+        frac = (dev > tol).double().mean().item()
+        if rel > 1e-3 or frac > 0.01:
+            raise BasisMismatchError(
+                f"{where}: layer {n!r}: the re-computed SVD basis differs from the trained one (singular values "
+                f"rel. diff {rel:.2e}, {100 * frac:.1f}% of directions moved). The base model or its weights "
+                f"changed, or the SVD differs on this machine: load the same base model, or save the run with "
+                f"save_factors=True."
+            )
 
 
 def parametrize(
     model: nn.Module,
-    target_modules: str | list[str] = "all-linear",
-    exclude_modules: str | list[str] | None = None,
-    mask_scaling: float = 2e-2,
-    lora: Any = None,
-    svd_dtype: torch.dtype = torch.float64,
+    config: ACIPConfig | None = None,
+    *,
     whitening: dict[str, torch.Tensor] | None = None,
+    _factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    **overrides: Any,
 ) -> ACIPModel:
     """Replace every target linear layer of ``model`` by its exact SVD parametrization.
 
-    The model is changed in place (its layers are swapped) and wrapped. All original parameters
-    are frozen; the masks (and LoRA factors when ``lora`` is a ``peft.LoraConfig`` or a dict
-    with ``r``, ``lora_alpha``, ``lora_dropout``) are trainable. Outputs are unchanged up to
-    the SVD's round-off (relative error ~1e-7 in fp32). ``whitening`` (layer name -> Cholesky
-    factor, from :func:`acip.core.whiten.calibrate_whitening`) gives the activation-aware basis.
+    ``config`` (an :class:`ACIPConfig`, default ``ACIPConfig()``) says which layers and how;
+    keyword ``overrides`` (``target_modules``, ``exclude_modules``, ``mask_scaling``, ``lora``,
+    ``svd_dtype``) replace its fields, so ``parametrize(model, lora={"r": 8})`` keeps working.
+    ``whitening`` (layer name -> Cholesky factor ``L``, from
+    :func:`acip.core.whiten.calibrate_whitening`) gives the activation-aware basis ``W L = U S V^T``.
+
+    The model is changed in place (its layers are swapped) and wrapped; all original parameters
+    are frozen, the masks (and LoRA factors) are trainable. Outputs are unchanged up to the SVD's
+    round-off (relative error ~1e-7 in fp32). A config with resolved ``layers`` must select exactly
+    those layers in ``model`` (else an error names the differences).
     """
     from tqdm.auto import tqdm
 
@@ -259,61 +324,45 @@ def parametrize(
         raise TypeError("this model is already parametrized; pass the original transformers model")
     if not isinstance(model, nn.Module):
         raise TypeError(f"parametrize expects a torch nn.Module (a transformers model), got {type(model).__name__}")
-    if not (isinstance(mask_scaling, (int, float)) and mask_scaling > 0):
-        raise ValueError(f"mask_scaling must be a positive number, got {mask_scaling!r} (the paper uses 2e-2)")
-    lora_cfg = _lora_dict(lora)
-    names = find_target_modules(model, target_modules, exclude_modules)
+    if config is not None and not isinstance(config, ACIPConfig):
+        raise TypeError(f"config must be an acip.ACIPConfig, got {type(config).__name__}; keyword arguments "
+                        f"({', '.join(_OVERRIDES)}) may be passed directly")
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise TypeError(f"parametrize() got unknown arguments {unknown}; known: {list(_OVERRIDES)}")
+    if "svd_dtype" in overrides:
+        overrides["svd_dtype"] = str(overrides["svd_dtype"]).replace("torch.", "")
+    cfg = (config or ACIPConfig()).replace(**overrides) if overrides else (config or ACIPConfig())
+    if whitening is not None:
+        cfg = cfg.replace(basis="activation_aware")
+    elif cfg.basis == "activation_aware":
+        raise ValueError("this config is in the activation-aware basis but no whitening factors were given; "
+                         "calibrate them with acip.core.whiten.calibrate_whitening, or use basis='plain'")
+    if cfg.source.kind == "object" and getattr(model, "acip_source", None):
+        cfg = cfg.replace(source=BaseSource.from_any(dict(model.acip_source)))
+    names = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+    if cfg.layers is not None and names != list(cfg.layers):
+        extra, gone = sorted(set(names) - set(cfg.layers)), sorted(set(cfg.layers) - set(names))
+        raise ScoreMapError(
+            f"the model's target layers differ from the ones this parametrization was made for: "
+            f"{len(extra)} not in it (first {extra[:3]}), {len(gone)} missing from the model (first {gone[:3]})"
+            + ("" if extra or gone else " (same names, other order)")
+            + ". Use the model it was made for."
+        )
+    if whitening is not None and set(names) - set(whitening):
+        raise ValueError(f"whitening factors have no entry for layers {sorted(set(names) - set(whitening))[:3]}; "
+                         f"calibrate with the same targets")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in tqdm(names, desc="SVD", disable=len(names) < 50, leave=False):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lw = None
-        if whitening is not None:
-            if name not in whitening:
-                raise ValueError(f"whitening factors have no entry for layer {name!r}; calibrate with the same targets")
-            lw = whitening[name]
-        layer = SVDLinear.from_linear(getattr(parent, child), mask_scaling, svd_dtype, whitening=lw)
-        if lora_cfg:
-            layer.add_lora(lora_cfg["r"], lora_cfg["lora_alpha"], lora_cfg["lora_dropout"])
-        setattr(parent, child, layer)
-    settings = {
-        "target_modules": target_modules,
-        "exclude_modules": exclude_modules,
-        "mask_scaling": float(mask_scaling),
-        "lora": lora_cfg,
-        "svd_dtype": str(svd_dtype).replace("torch.", ""),  # rebuild with the same SVD
-    }
-    source = dict(getattr(model, "acip_source", None) or {"model": None, "kind": "object"})
-    pm = ACIPModel(model, names, settings, source)
-    pm.whitening = whitening
-    return pm
-
-
-def parametrize_like(
-    model: nn.Module, settings: dict, whitening: dict[str, torch.Tensor] | None = None
-) -> ACIPModel:
-    """Parametrize ``model`` exactly as described by ``ACIPModel.settings()`` (saved with runs)."""
-    return parametrize(
-        model,
-        target_modules=settings.get("layers", settings.get("target_modules", "all-linear")),
-        exclude_modules=None if "layers" in settings else settings.get("exclude_modules"),
-        mask_scaling=settings.get("mask_scaling", 2e-2),
-        lora=settings.get("lora"),
-        svd_dtype=getattr(torch, settings.get("svd_dtype", "float64")),
-        whitening=whitening,
-    )
-
-
-def _lora_dict(lora: Any) -> dict | None:
-    if lora is None:
-        return None
-    if isinstance(lora, dict):
-        d = dict(lora)
-    else:  # peft.LoraConfig or any object with these attributes
-        d = {k: getattr(lora, k) for k in ("r", "lora_alpha", "lora_dropout") if hasattr(lora, k)}
-    d.setdefault("lora_alpha", d.get("r", 0))
-    d.setdefault("lora_dropout", 0.0)
-    if not isinstance(d.get("r"), int) or d["r"] <= 0:
-        raise ValueError(f"LoRA config needs a positive integer rank r, got {d.get('r')!r}")
-    return {"r": int(d["r"]), "lora_alpha": float(d["lora_alpha"]), "lora_dropout": float(d["lora_dropout"])}
+        old = model.get_submodule(name)
+        if _factors is not None:
+            layer = SVDLinear.from_factors(old, *_factors[name], mask_scaling=cfg.mask_scaling)
+        else:
+            lw = None if whitening is None else whitening[name]
+            layer = SVDLinear.from_linear(old, cfg.mask_scaling, cfg.torch_svd_dtype, whitening=lw)
+        layer.whitened = whitening is not None
+        if cfg.lora is not None:
+            layer.add_lora(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
+        replace_module(model, name, layer)
+    return ACIPModel(model, cfg.replace(layers=tuple(names)), whitening)

@@ -9,74 +9,52 @@ means "keep longer". During a run, after every optimiser step (DESIGN.md)::
 
 so the earlier a direction was pruned, the lower its score, and all pruned directions rank below
 all active ones (active scores are > 0, pruned ones <= -1).
+
+A ``ScoreMap`` is data: scores, shapes, bias flags, method, stop ratio, and the
+:class:`~acip.core.config.ACIPConfig` of the parametrization it belongs to (with its digest). It
+holds no model and no file location; ``acip.export`` pairs it with a model.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .allocation import RankAllocator
+from .config import ACIPConfig, BaseSource, ConfigError, LoraSettings
+from .io import ArtifactError, read_tensors, save_tensors
+from .size import check_ratio
 
-if TYPE_CHECKING:
-    from .parametrize import ACIPModel
+__all__ = ["ScoreMap", "ScoreMapError", "FORMAT"]
 
-__all__ = ["ScoreMap", "ScoreMapError", "atomic_write"]
-
-FORMAT = "acip.score_map/1"
+FORMAT = "acip.score_map/2"
+LEGACY_FORMAT = "acip.score_map/1"
 
 
 class ScoreMapError(ValueError):
     """A score map that cannot be used: missing, corrupted, or made for another model."""
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+class _Parametrized(Protocol):  # what a score map needs from a parametrized model (duck-typed)
+    acip_config: ACIPConfig
 
+    def svd_layers(self) -> dict[str, Any]: ...
 
-def check_ratio(ratio: float) -> float:
-    """Validate a size ratio in (0, 1]."""
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
-    if not (0.0 < r <= 1.0):
-        raise ValueError(
-            f"ratio must be in (0, 1] (the fraction of target-layer parameters to keep), got {ratio!r}; "
-            f"e.g. ratio=0.4 keeps 40%"
-        )
-    return r
+    def masks(self) -> dict[str, torch.Tensor]: ...
 
 
 class ScoreMap:
-    """Per-layer score vectors plus the metadata needed to rebuild and check the model.
+    """Per-layer score vectors plus what identifies the parametrization they belong to.
 
     ``shapes[name] = (out, in)``; ``scores[name]`` has ``min(out, in)`` float32 entries.
-    ``source`` says where the base model comes from (see :func:`acip.load.load_base`), and
-    ``meta`` carries the rest (method, stop ratio, adapters path, parametrization settings).
+    ``config`` is the :class:`ACIPConfig` of the parametrized model (None for a hand-made map);
+    ``meta`` is free-form run information (updates, global step).
     """
 
     def __init__(
@@ -86,14 +64,31 @@ class ScoreMap:
         biases: dict[str, bool],
         *,
         method: str,
-        source: dict | None = None,
         stop_ratio: float | None = None,
+        config: ACIPConfig | None = None,
         meta: dict | None = None,
     ) -> None:
-        if not scores:
-            raise ScoreMapError("a score map needs at least one layer")
+        if not isinstance(scores, dict) or not scores:
+            raise ScoreMapError("a score map needs at least one layer (a dict name -> 1-d tensor)")
+        missing = [n for n in scores if n not in shapes or n not in biases]
+        if missing:
+            raise ScoreMapError(f"layers {missing[:5]} have scores but no shape or bias flag")
+        if not isinstance(method, str) or not method:
+            raise ScoreMapError(f"method must be a non-empty string, got {method!r}")
+        if config is not None and not isinstance(config, ACIPConfig):
+            raise ScoreMapError(f"config must be an ACIPConfig or None, got {type(config).__name__}")
+        if config is not None and config.layers is not None and list(config.layers) != list(scores):
+            raise ScoreMapError("the score map's layers differ from its config's layers: "
+                                f"{sorted(set(config.layers) ^ set(scores))[:5]}")
         for name, s in scores.items():
-            out_f, in_f = shapes[name]
+            if not isinstance(s, torch.Tensor):
+                raise ScoreMapError(f"layer {name!r}: scores must be a tensor, got {type(s).__name__}")
+            try:
+                out_f, in_f = (int(v) for v in shapes[name])
+            except (TypeError, ValueError):
+                raise ScoreMapError(f"layer {name!r}: shape must be (out, in), got {shapes[name]!r}") from None
+            if out_f <= 0 or in_f <= 0 or not isinstance(biases[name], bool):
+                raise ScoreMapError(f"layer {name!r}: bad shape {shapes[name]!r} or bias flag {biases[name]!r}")
             if s.ndim != 1 or s.numel() != min(out_f, in_f):
                 raise ScoreMapError(
                     f"layer {name!r}: expected {min(out_f, in_f)} scores for shape {(out_f, in_f)}, "
@@ -103,45 +98,48 @@ class ScoreMap:
         self.shapes = {n: (int(shapes[n][0]), int(shapes[n][1])) for n in scores}
         self.biases = {n: bool(biases[n]) for n in scores}
         self.method = method
-        self.source = dict(source or {})
-        self.stop_ratio = stop_ratio
+        try:
+            self.stop_ratio = None if stop_ratio is None else check_ratio(stop_ratio, "stop_ratio", include_one=False)
+        except ValueError as e:
+            raise ScoreMapError(str(e)) from None
+        self.config = config
         self.meta = dict(meta or {})
-        self.model: "ACIPModel | None" = None
-        self.path: Path | None = None
         self._alloc: RankAllocator | None = None
+
+    @property
+    def source(self) -> BaseSource | None:
+        """Where the base model comes from (from the config), or None."""
+        return None if self.config is None else self.config.source
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def _from_layers(cls, pmodel: "ACIPModel", scores: dict, method: str, **kw: Any) -> "ScoreMap":
+    def _from_layers(cls, pmodel: _Parametrized, scores: dict, method: str, **kw: Any) -> "ScoreMap":
         layers = pmodel.svd_layers()
-        sm = cls(
+        return cls(
             scores,
             {n: (l.out_features, l.in_features) for n, l in layers.items()},
             {n: l.bias is not None for n, l in layers.items()},
-            method=method,
-            source=pmodel.source,
-            meta={"parametrize": pmodel.settings(), **kw.pop("meta", {})},
-            **kw,
+            method=method, config=pmodel.acip_config, **kw,
         )
-        return sm.bind(pmodel)
 
     @classmethod
-    def from_singular_values(cls, pmodel: "ACIPModel") -> "ScoreMap":
+    def from_singular_values(cls, pmodel: _Parametrized) -> "ScoreMap":
         """The no-training baseline: ``score_j = s_j / ||s||_2`` per layer.
 
         Normalising by the layer's Frobenius norm ``||W||_F = ||s||_2`` makes scores comparable
         across layers: ``score_j^2`` is the share of the layer's energy carried by direction j,
         so the global order drops the directions that hold the least relative energy first.
+        In the activation-aware basis the singular values are those of ``W L``.
         """
         scores = {}
         for n, l in pmodel.svd_layers().items():
             s = l.singular_values.float()
             scores[n] = s / s.norm().clamp_min(1e-30)
-        method = "activation_aware" if getattr(pmodel, "whitening", None) else "singular_values"
+        method = "activation_aware" if pmodel.acip_config.basis == "activation_aware" else "singular_values"
         return cls._from_layers(pmodel, scores, method)
 
     @classmethod
-    def from_masks(cls, pmodel: "ACIPModel", method: str = "acip", **kw: Any) -> "ScoreMap":
+    def from_masks(cls, pmodel: _Parametrized, method: str = "acip", **kw: Any) -> "ScoreMap":
         """Start a run's score map: scores = current mask values (entries <= 0 get the rule's value)."""
         sm = cls._from_layers(
             pmodel, {n: torch.zeros(l.max_rank) for n, l in pmodel.svd_layers().items()}, method, **kw
@@ -220,14 +218,17 @@ class ScoreMap:
             out[name] = torch.sort(alloc.order_in_layer[l][: ranks[name]]).values
         return out
 
-    # ------------------------------------------------------------------ model binding
-    def bind(self, pmodel: "ACIPModel") -> "ScoreMap":
-        """Attach an in-memory parametrized model (checked against names and shapes)."""
-        self.check_compatible(pmodel)
-        self.model = pmodel
-        return self
+    # ------------------------------------------------------------------ compatibility
+    def digest(self) -> str:
+        """SHA-256 over layer names and the exact float32 bytes of the scores (order as stored)."""
+        h = hashlib.sha256()
+        for name, s in self.scores.items():
+            h.update(name.encode())
+            h.update(s.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
-    def check_compatible(self, pmodel: "ACIPModel") -> None:
+    def check_compatible(self, pmodel: _Parametrized) -> None:
+        """Raise :class:`ScoreMapError` unless ``pmodel`` has exactly this map's layers, shapes and basis."""
         layers = pmodel.svd_layers()
         problems = []
         for n in self.scores:
@@ -236,17 +237,25 @@ class ScoreMap:
             elif (layers[n].out_features, layers[n].in_features) != self.shapes[n]:
                 got = (layers[n].out_features, layers[n].in_features)
                 problems.append(f"{n}: shape {self.shapes[n]} in the score map, {got} in the model")
+            elif (layers[n].bias is not None) != self.biases[n]:
+                problems.append(f"{n}: bias={self.biases[n]} in the score map, {layers[n].bias is not None} in the model")
         problems += [f"{n}: in the model but not in the score map" for n in layers if n not in self.scores]
+        cfg = getattr(pmodel, "acip_config", None)
+        if not problems and self.config is not None and isinstance(cfg, ACIPConfig):
+            if self.config.basis != cfg.basis:
+                problems.append(f"basis {self.config.basis!r} in the score map, {cfg.basis!r} in the model")
         if problems:
+            src = self.source.model if self.source is not None else None
             raise ScoreMapError(
-                f"this score map (for {self.source.get('model', 'an unknown model')!r}) does not match "
-                f"the model: {len(problems)} mismatches, first: " + "; ".join(problems[:5])
+                f"this score map (for {src or 'an unknown model'!r}) does not match the model: "
+                f"{len(problems)} mismatches, first: " + "; ".join(problems[:5])
                 + ". Use the score map made for this model, or pass model= the model it was made for."
             )
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file atomically (scores as tensors, metadata in the header)."""
+        """Write one safetensors file atomically: scores as tensors, the rest in the header,
+        every tensor and the header covered by sha256 (:func:`acip.core.io.save_tensors`)."""
         from acip import __version__
 
         header = {
@@ -254,28 +263,20 @@ class ScoreMap:
             "acip_version": __version__,
             "method": self.method,
             "stop_ratio": json.dumps(self.stop_ratio),
-            "source": json.dumps(self.source),
+            "config": json.dumps(None if self.config is None else self.config.to_dict()),
             "meta": json.dumps(self.meta),
-            "layers": json.dumps(
-                [[n, list(self.shapes[n]), self.biases[n]] for n in self.scores]
-            ),
+            "layers": json.dumps([[n, list(self.shapes[n]), self.biases[n]] for n in self.scores]),
         }
-        whitening = getattr(self.model, "whitening", None)
-        if whitening:  # the activation-aware basis cannot be rebuilt without its factors
-            from .whiten import save_whitening
-
-            wname = Path(path).name.replace(".safetensors", "") + ".whitening.safetensors"
-            save_whitening(whitening, Path(path).with_name(wname))
-            self.meta["whitening"] = wname
-            header["meta"] = json.dumps(self.meta)
-        tensors = {n: s.contiguous() for n, s in self.scores.items()}
-        path = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-        self.path = path
-        return path
+        return save_tensors(path, self.scores, header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ScoreMap":
-        """Read a score map written by :meth:`save`; clear errors for missing/corrupted files."""
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> "ScoreMap":
+        """Read a score map written by :meth:`save` (one read; digests checked unless ``verify=False``).
+
+        A directory means its ``score_map.safetensors``. Files of the previous format
+        (``acip.score_map/1``, no digests) load with a warning; ``ScoreMap.load(p).save(p)``
+        converts them.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "score_map.safetensors"
@@ -285,40 +286,60 @@ class ScoreMap:
                 f"run (or the run directory that holds it)."
             )
         try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                header = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ScoreMapError(
-                f"score map file {str(path)!r} is truncated or corrupted ({e}). Re-export it from the "
-                f"run's last checkpoint or re-run training."
-            ) from None
-        if header.get("format") != FORMAT:
+            tensors, header = read_tensors(path, verify=verify, what="score map", require_digests=False)
+        except ArtifactError as e:
+            raise ScoreMapError(f"score map {e}. Re-create it from the run's last checkpoint or re-run training.") from e
+        fmt = header.get("format")
+        if fmt not in (FORMAT, LEGACY_FORMAT):
             raise ScoreMapError(
                 f"{str(path)!r} is a safetensors file but not an acip score map "
-                f"(format={header.get('format')!r}, expected {FORMAT!r})."
+                f"(format={fmt!r}, expected {FORMAT!r})."
             )
         try:
             layers = json.loads(header["layers"])
             shapes = {n: tuple(s) for n, s, _ in layers}
             biases = {n: b for n, _, b in layers}
             scores = {n: tensors[n] for n, _, _ in layers}
-            sm = cls(
-                scores, shapes, biases, method=header["method"],
-                source=json.loads(header["source"]), stop_ratio=json.loads(header["stop_ratio"]),
-                meta=json.loads(header["meta"]),
-            )
-        except (KeyError, json.JSONDecodeError, TypeError) as e:
-            raise ScoreMapError(f"score map {str(path)!r} has a damaged header ({e!r}).") from None
+            if set(tensors) != set(scores):
+                raise KeyError(f"tensors {sorted(set(tensors) - set(scores))[:3]} are not in the layer list")
+            if fmt == LEGACY_FORMAT:
+                config, meta = _legacy_config(header), json.loads(header["meta"])
+                warnings.warn(f"{str(path)!r} is a score map of the previous format (no checksums); it loads "
+                              f"unverified. Convert it: acip.ScoreMap.load(p).save(p)", stacklevel=2)
+            else:
+                raw = json.loads(header["config"])
+                config, meta = (None if raw is None else ACIPConfig.from_dict(raw)), json.loads(header["meta"])
+            if not isinstance(meta, dict):
+                raise TypeError(f"meta must be a JSON object, got {type(meta).__name__}")
+            sm = cls(scores, shapes, biases, method=header["method"], stop_ratio=json.loads(header["stop_ratio"]),
+                     config=config, meta=meta)
+        except ScoreMapError as e:
+            raise ScoreMapError(f"score map {str(path)!r}: {e}") from None
+        except (KeyError, json.JSONDecodeError, TypeError, ValueError, AttributeError, ConfigError) as e:
+            raise ScoreMapError(f"score map {str(path)!r} has a damaged header ({type(e).__name__}: {e}).") from None
         sm.meta.setdefault("acip_version", header.get("acip_version"))
-        sm.path = path
         return sm
 
     def __repr__(self) -> str:
         n = sum(s.numel() for s in self.scores.values())
         return (
             f"ScoreMap(method={self.method!r}, layers={len(self.scores)}, directions={n}, "
-            f"stop_ratio={self.stop_ratio}, source={self.source.get('model')!r})"
+            f"stop_ratio={self.stop_ratio}, source={None if self.source is None else self.source.model!r})"
         )
+
+
+def _legacy_config(header: dict) -> ACIPConfig:
+    """The ACIPConfig of a format-1 score map (settings in ``meta["parametrize"]``, ``source``)."""
+    meta = json.loads(header["meta"])
+    settings = dict(meta.get("parametrize") or {})
+    src = json.loads(header.get("source") or "{}") or {}
+    return ACIPConfig(
+        target_modules=settings.get("target_modules") or "all-linear",
+        exclude_modules=settings.get("exclude_modules"),
+        mask_scaling=settings.get("mask_scaling", 2e-2),
+        lora=LoraSettings.from_any(settings.get("lora")),
+        svd_dtype=settings.get("svd_dtype", "float64"),
+        basis="activation_aware" if meta.get("whitening") else "plain",
+        source=BaseSource(model=src.get("model"), kind=src.get("kind", "object"), dtype=src.get("dtype", "float32")),
+        layers=settings.get("layers"),
+    )

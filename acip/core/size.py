@@ -1,13 +1,37 @@
 """Size accounting measured from the tensors an exported model actually holds."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from .lowrank import LAYOUT_KEY
+from .layout import LAYOUT_KEY
 
-__all__ = ["SizeReport", "size_report", "size_ratio"]
+__all__ = ["SizeReport", "size_report", "size_ratio", "check_ratio"]
+
+
+def check_ratio(value: Any, name: str = "ratio", include_one: bool = True) -> float:
+    """Validate a size ratio: a real number in ``(0, 1]`` (``(0, 1)`` when ``include_one=False``).
+
+    Booleans, strings and NaN are refused (``ratio=True`` is not 1.0).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        try:
+            num = float(value) if isinstance(value, str) and not isinstance(value, bool) else None
+        except ValueError:
+            num = None
+        hint = f" (did you mean {name}={num}?)" if num is not None and math.isfinite(num) else ""
+        raise ValueError(f"{name} must be a number in (0, 1{']' if include_one else ')'}, got {value!r}{hint}; "
+                         f"e.g. {name}=0.4 keeps 40% of the target layers' parameters")
+    r = float(value)
+    if not (0.0 < r < 1.0 or (include_one and r == 1.0)):
+        raise ValueError(
+            f"{name} must be in (0, 1{']' if include_one else ')'} (the fraction of target-layer parameters to "
+            f"keep), got {value!r}; e.g. {name}=0.4 keeps 40%"
+        )
+    return r
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,26 @@ class SVDLinear(nn.Module):
         layer.whitened = whitening is not None
         return layer
 
+    @classmethod
+    def from_factors(cls, module: nn.Module, ortho: torch.Tensor, base: torch.Tensor,
+                     singular_values: torch.Tensor, mask_scaling: float = 2e-2) -> "SVDLinear":
+        """Rebuild a layer from saved factors (no SVD); ``module`` gives the bias, dtype and device.
+
+        The factors must reproduce ``module``'s weight at full rank (checked to 1e-3 relative
+        Frobenius error), so saved factors of another model are refused.
+        """
+        weight, bias = dense_weight_of(module)
+        if ortho.shape != (weight.shape[0], base.shape[0]) or base.shape[1] != weight.shape[1]:
+            raise ValueError(f"saved factors {tuple(ortho.shape)} x {tuple(base.shape)} do not fit a layer of "
+                             f"shape {tuple(weight.shape)}")
+        o, b = ortho.to(device=weight.device, dtype=weight.dtype), base.to(device=weight.device, dtype=weight.dtype)
+        w = (o.double() * mask_scaling) @ b.double()
+        err = ((w - weight.double()).norm() / weight.double().norm().clamp_min(1e-30)).item()
+        if err > 1e-3:
+            raise ValueError(f"saved factors do not reproduce this layer's weight (relative error {err:.2e}): "
+                             f"they belong to another base model")
+        return cls(o, b, bias, mask_scaling, singular_values=singular_values.float())
+
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0) -> None:
         """Attach LoRA factors: A ~ kaiming-uniform (r x in), B = 0 (out x r), scale alpha / r."""
         if r <= 0:

@@ -8,22 +8,22 @@ factor of ``X^T X + eps*I``. Truncating the SVD of ``W L = U S V^T`` minimises t
 
 So the layer is parametrized with ``ortho = U / c`` and ``base = S V^T L^{-1}``; everything else
 (masks, score maps, export) is unchanged. ``ScoreMap.from_singular_values`` on such a model gives
-the activation-aware baseline (scores ``s_j / ||s||_2`` of ``W L``).
+the activation-aware baseline (scores ``s_j / ||s||_2`` of ``W L``). The factors ``L`` are the
+model's ``basis`` and are saved with it (:meth:`ACIPModel.save_pretrained`).
 """
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .parametrize import find_target_modules, parametrize
-from .score_map import ScoreMap, atomic_write
+from .parametrize import ACIPModel, parametrize
+from .score_map import ScoreMap
+from .surgery import find_targets
 
-__all__ = ["activation_aware", "calibrate_whitening", "save_whitening", "load_whitening"]
+__all__ = ["activation_aware", "calibrate_whitening"]
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def calibrate_whitening(
     """
     from tqdm.auto import tqdm
 
-    names = find_target_modules(model, target_modules, exclude_modules)
+    names = find_targets(model, target_modules, exclude_modules)
     grams: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -78,31 +78,17 @@ def activation_aware(
     exclude_modules: str | list[str] | None = None,
     svd_dtype: torch.dtype = torch.float32,
     damp: float = 1e-2,
-) -> ScoreMap:
+) -> ACIPModel:
     """The activation-aware baseline in one call: calibrate, parametrize ``W L``, rank by ``s_j``.
 
-    ``model`` is left untouched (a deep copy is parametrized). Returns a score map bound to the
-    whitened :class:`ACIPModel`, so ``acip.export(sm, ratio)`` and ``sm.save(path)`` (factors are
-    written beside it) work like for any other score map. ``batches`` yields ``input_ids``
-    tensors of training-domain text: quality outside that domain can collapse (docs/BENCHMARKS.md).
+    ``model`` is left untouched (a deep copy is parametrized). Returns the whitened
+    :class:`ACIPModel` with ``score_map`` set to the baseline map, so ``acip.export(pm, ratio)``
+    and ``pm.save_pretrained(dir)`` work like for any other parametrized model. ``batches`` yields
+    ``input_ids`` tensors of training-domain text: quality outside that domain can collapse
+    (docs/BENCHMARKS.md).
     """
     factors = calibrate_whitening(model, batches, target_modules, exclude_modules, damp)
     white = parametrize(copy.deepcopy(model), target_modules=sorted(factors), svd_dtype=svd_dtype,
                         whitening=factors)
-    return ScoreMap.from_singular_values(white)  # method "activation_aware"
-
-
-def save_whitening(factors: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write the factors atomically (one safetensors file)."""
-    tensors = {n: t.contiguous() for n, t in factors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp))
-
-
-def load_whitening(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no whitening factors at {str(path)!r}; re-run calibrate_whitening")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"whitening file {str(path)!r} is truncated or corrupted ({e})") from None
+    white.score_map = ScoreMap.from_singular_values(white)  # method "activation_aware"
+    return white

@@ -8,77 +8,106 @@ low-rank layer re-truncates ``W_r + sBA`` to exactly rank ``r_l`` (see :meth:`SV
 a dense layer stores ``W_r + sBA`` as it is (:meth:`SVDLinear.dense_weight`), which is what the
 trained model computed. The new model is built
 from a clean copy of the config (no quantization flag) plus an ``acip_layout`` entry, so it saves
-with ``save_pretrained`` and reloads with ``acip.load`` or ``AutoModel*.from_pretrained`` after
-``import acip``. The source model is never modified.
+with ``save_pretrained`` (which adds a manifest of sha256 digests) and reloads with ``acip.load``
+(verified) or ``AutoModel*.from_pretrained`` after ``import acip``. No input is ever modified.
 """
 from __future__ import annotations
 
 import copy
-import warnings
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.lowrank import LAYOUT_KEY
-from ..core.parametrize import ACIPModel, parametrize_like
-from ..core.score_map import ScoreMap, ScoreMapError, check_ratio
-from ..core.size import size_report
+from ..core.base import clean_config, load_base
+from ..core.layout import LAYOUT_KEY
+from ..core.parametrize import STATE_FILE, ACIPModel, parametrize
+from ..core.score_map import ScoreMap, ScoreMapError
+from ..core.size import check_ratio, size_report
 from ..core.svd_linear import SVDLinear
 
-__all__ = ["export", "model_for"]
+__all__ = ["export", "resolve"]
 
 
-def model_for(score_map: ScoreMap, model: Any = None) -> ACIPModel:
-    """The parametrized model a score map belongs to.
+def _legacy_hint(p: Path) -> str:
+    return (f"{str(p)!r} is a run directory of the previous acip format (adapters/ and a score map without "
+            f"its model state). Convert it once with `python -m acip.convert {p}`, then export it.")
 
-    ``model`` (an :class:`ACIPModel`, or a plain model that gets parametrized with the score map's
-    settings) wins; then the model bound in memory; then the base model named in the score map's
-    source, parametrized the same way, with the run's adapters loaded.
-    """
-    if not isinstance(score_map, ScoreMap):
-        raise TypeError(f"expected an acip.ScoreMap, got {type(score_map).__name__}; load one with acip.ScoreMap.load(path)")
-    settings = score_map.meta.get("parametrize", {})
 
-    def build(base: nn.Module) -> ACIPModel:
-        whitening = None
-        if score_map.meta.get("whitening"):
-            from ..core.whiten import load_whitening
+def _from_path(p: Path, model: Any) -> ACIPModel:
+    if p.is_file() and p.suffix == ".safetensors":
+        p = p.parent  # a score map file inside a run directory
+    if (p / STATE_FILE).is_file():
+        base = copy.deepcopy(model) if isinstance(model, nn.Module) and not isinstance(model, ACIPModel) else None
+        return ACIPModel.from_pretrained(p, model=base)
+    if (p / "adapters").is_dir() or (p / "score_map.safetensors").is_file():
+        raise ScoreMapError(_legacy_hint(p))
+    if not p.exists():
+        raise FileNotFoundError(f"no run or model directory at {str(p)!r}")
+    raise FileNotFoundError(f"{str(p)!r} holds no {STATE_FILE}: pass a run directory or a directory written by "
+                            f"ACIPModel.save_pretrained")
 
-            wpath = Path(score_map.meta["whitening"])
-            if not wpath.is_absolute() and score_map.path is not None:
-                wpath = score_map.path.parent / wpath
-            whitening = load_whitening(wpath)
-        return parametrize_like(base, settings, whitening)
 
-    if model is not None:
-        pm = model if isinstance(model, ACIPModel) else build(model)
-        score_map.check_compatible(pm)
-        return pm
-    if score_map.model is not None:
-        return score_map.model
-    src = score_map.source.get("model")
-    if not src:
+def _for_score_map(sm: ScoreMap, model: Any, adapters: Any) -> ACIPModel:
+    """The parametrized model a bare score map is exported from (never the caller's object)."""
+    cfg = sm.config
+    if isinstance(model, ACIPModel):
+        return model
+    needs = []
+    if cfg is not None and cfg.basis == "activation_aware":
+        needs.append("the activation-aware basis (its whitening factors)")
+    if cfg is not None and cfg.lora is not None and adapters is not False:
+        needs.append("the run's trained LoRA adapters (or pass adapters=False)")
+    if needs:
         raise ScoreMapError(
-            "this score map does not record where its model comes from (it was made from a model "
-            "object); pass the model: acip.export(score_map, ratio, model=my_model)"
+            f"this score map belongs to a parametrization with {' and '.join(needs)}, which a score map does not "
+            f"hold. Export the run directory instead, acip.export('<run_dir>', ratio), or pass the parametrized "
+            f"model: acip.export(acip.load('<run_dir>'), ratio)"
         )
-    from ..load import load_base
+    if cfg is not None and cfg.lora is not None:
+        cfg = cfg.replace(lora=None)
+    if model is None:
+        src = cfg.source.model if cfg is not None else None
+        if not src:
+            raise ScoreMapError(
+                "this score map does not record where its model comes from (it was made from a model "
+                "object); pass the model: acip.export(score_map, ratio, model=my_model)"
+            )
+        base, _ = load_base(src, dtype=getattr(torch, cfg.source.dtype))
+    elif isinstance(model, nn.Module):
+        base = copy.deepcopy(model)  # exporting never changes an input
+    else:
+        raise TypeError(f"model must be a transformers model or an acip.ACIPModel, got {type(model).__name__}")
+    return parametrize(base, cfg) if cfg is not None else parametrize(base)
 
-    dtype = getattr(torch, score_map.source.get("dtype", "float32"))
-    base, _ = load_base(src, dtype=dtype)
-    pm = build(base)
-    adapters = score_map.meta.get("adapters")
-    if adapters:
-        path = Path(adapters)
-        if not path.is_absolute() and score_map.path is not None:
-            path = score_map.path.parent / path
-        pm.load_adapters(path)
-    elif settings.get("lora"):
-        warnings.warn("the score map's run used LoRA but records no adapters; exporting without them")
-    score_map.bind(pm)
-    return pm
+
+def resolve(source: Any, model: Any = None, score_map: ScoreMap | None = None,
+            adapters: Any = True) -> tuple[ACIPModel, ScoreMap]:
+    """``(parametrized model, score map)`` for :func:`export`'s ``source`` (see there); checked compatible."""
+    if score_map is not None and not isinstance(score_map, ScoreMap):
+        raise TypeError(f"score_map must be an acip.ScoreMap, got {type(score_map).__name__}")
+    if isinstance(source, (str, os.PathLike)):
+        pm = _from_path(Path(source).expanduser(), model)
+        sm = score_map or pm.score_map
+    elif isinstance(source, ACIPModel):
+        if model is not None:
+            raise TypeError("pass either a parametrized model as the first argument or model=, not both")
+        pm, sm = source, score_map or source.score_map
+    elif isinstance(source, ScoreMap):
+        if score_map is not None:
+            raise TypeError("pass the score map once: as the first argument or as score_map=")
+        sm = source
+        pm = _for_score_map(sm, model, adapters)
+    else:
+        raise TypeError(f"export expects a run directory, an acip.ACIPModel or an acip.ScoreMap, got "
+                        f"{type(source).__name__}; load a score map with acip.ScoreMap.load(path)")
+    if sm is None:
+        raise ScoreMapError("this parametrized model has no score map: train one (python -m acip.compress), or "
+                            "pass score_map=acip.ScoreMap.from_singular_values(pm) for the no-training baseline")
+    sm.check_compatible(pm)
+    return pm, sm
 
 
 def _layout_entry(layer: SVDLinear, rank: int) -> dict:
@@ -94,17 +123,25 @@ def _layout_entry(layer: SVDLinear, rank: int) -> dict:
 
 @torch.no_grad()
 def export(
-    score_map: ScoreMap,
+    source: Any,
     ratio: float,
+    *,
     model: Any = None,
+    score_map: ScoreMap | None = None,
     quantize: Any = None,
     adapters: bool = True,
 ) -> nn.Module:
-    """Export the model of ``score_map`` at size ``ratio`` (fraction of target-layer parameters).
+    """Export at size ``ratio`` (fraction of target-layer parameters) as a plain transformers model.
+
+    ``source`` is a run directory (or any directory written by ``ACIPModel.save_pretrained``),
+    an :class:`ACIPModel` (its own ``score_map`` unless ``score_map=`` is given), or a
+    :class:`ScoreMap` with ``model=`` the model it belongs to (a plain transformers model is
+    parametrized on a copy; without ``model=`` the base model named in the map is loaded, which
+    works for maps of a plain basis without adapters). Nothing passed in is changed.
 
     The returned model's measured ratio (``acip.size_ratio(model)``) is <= ``ratio`` and within
-    one rank step of it. ``quantize`` optionally hands the result to ``acip.quant.apply``
-    (an ``EntropyQuantConfig``, ``"entropy"`` or ``"nf4"``).
+    one rank step of it. ``quantize`` optionally hands the result to ``acip.quant.quantize_``
+    (a quantizer config, ``"entropy"`` or ``"nf4"``).
 
     ``adapters=False`` exports the score map's truncation without the run's LoRA adapters: every
     layer is then untuned, so a layer stored dense keeps its full ``W``. The adapters were trained
@@ -116,21 +153,19 @@ def export(
     ratio = check_ratio(ratio)
     if not isinstance(adapters, bool):
         raise TypeError(f"adapters={adapters!r}: pass True (fold the run's LoRA adapters in) or False (leave them out)")
-    pm = model_for(score_map, model)
+    pm, score_map = resolve(source, model, score_map, adapters)
     layers = pm.svd_layers()
     ranks = score_map.ranks_for(ratio, lift=pm.liftable_layers() if adapters else set(layers))
     keep = score_map.keep_indices(ranks)
     src = pm.model
     layout = {n: _layout_entry(l, ranks[n]) for n, l in layers.items()}
 
-    config = copy.deepcopy(src.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
+    config = clean_config(src.config)
     setattr(config, LAYOUT_KEY, layout)
     config.acip_export = {
+        "config": pm.acip_config.to_dict(),
         "ratio": ratio,
         "method": score_map.method,
-        "source": score_map.source.get("model"),
         "stop_ratio": score_map.stop_ratio,
         "adapters": adapters,
     }
@@ -178,7 +213,7 @@ def export(
     new.config.acip_export["measured_ratio"] = rep.target_ratio
     new.config.acip_export["measured_full_ratio"] = rep.full_ratio
     if quantize is not None:
-        from .. import quant
+        from ..quant import quantize_
 
-        quant.apply(new, quantize)
+        quantize_(new, quantize)
     return new
