@@ -3,7 +3,7 @@
 One training run learns a score map; ``acip.export(run_dir, ratio=...)`` then truncates the
 model to any size without retraining.
 """
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: E402
 
 from .core import (  # noqa: E402
     ACIPConfig,

@@ -76,7 +76,7 @@ def load(path: str | os.PathLike, ratio: float | None = None, *, verify: bool = 
     try:
         out, info = (cls or AutoModelForCausalLM).from_pretrained(str(p), output_loading_info=True, **kw)
     except (OSError, RuntimeError, ValueError) as e:
-        raise ArtifactError(f"{str(p)!r}: the export's weights do not load ({type(e).__name__}: "
+        raise ArtifactError(f"{str(p)!r} does not match its acip_layout: its weights do not load ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}). Export it again.") from None
     tied = set(getattr(out, "all_tied_weights_keys", {}) or {})
     missing = [k for k in info.get("missing_keys", []) if k not in tied]

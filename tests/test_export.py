@@ -22,8 +22,9 @@ def _file_bytes(d):
 def test_full_ratio_is_exact_and_roundtrips(family, tokens, tmp_path):
     model = tiny_model(family)
     ref = model(input_ids=tokens).logits
-    sm = ScoreMap.from_singular_values(acip.parametrize(model))
-    full = acip.export(sm, 1.0)
+    pm = acip.parametrize(model)
+    sm = ScoreMap.from_singular_values(pm)
+    full = acip.export(pm, 1.0, score_map=sm)
     assert torch.allclose(full(input_ids=tokens).logits, ref, atol=1e-5)
     full.save_pretrained(tmp_path)
     again = acip.load(tmp_path)
@@ -35,7 +36,7 @@ def test_measured_ratio_within_one_step(tiny_llama):
     sm = ScoreMap.from_singular_values(pm)
     alloc = sm.allocator()
     for ratio in [0.1, 0.33, 0.5, 0.8, 0.95]:
-        small = acip.export(sm, ratio)
+        small = acip.export(pm, ratio, score_map=sm)
         rep = acip.size_report(small)
         assert rep.target_ratio <= ratio
         n = alloc.prefix_length(ratio)
@@ -49,7 +50,7 @@ def test_export_matches_pruned_model_and_layers_are_lowrank_or_dense(tiny_llama,
     pm = acip.parametrize(tiny_llama)
     sm = ScoreMap.from_singular_values(pm)
     for ratio in [0.3, 0.9]:
-        small = acip.export(sm, ratio)
+        small = acip.export(pm, ratio, score_map=sm)
         ranks = pm.prune(ratio, sm)
         assert torch.allclose(small(input_ids=tokens).logits, pm(input_ids=tokens).logits, atol=1e-5)
         pm.unprune()
@@ -70,7 +71,7 @@ def test_export_never_changes_source(tiny_llama, tokens):
             l.lora_B.normal_(std=0.01)
     before = {k: v.clone() for k, v in pm.state_dict().items()}
     out_before = pm(input_ids=tokens).logits
-    small = acip.export(ScoreMap.from_singular_values(pm), 0.5)
+    small = acip.export(pm, 0.5, score_map=ScoreMap.from_singular_values(pm))
     small.model.embed_tokens.weight.data.zero_()  # the export owns its tensors
     after = pm.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -83,17 +84,18 @@ def test_lora_is_folded_in(tiny_llama, tokens):
         for l in pm.svd_layers().values():
             l.lora_B.normal_(std=0.05)
     sm = ScoreMap.from_singular_values(pm)
-    full = acip.export(sm, 1.0)  # rank k holds W + sBA exactly
+    full = acip.export(pm, 1.0, score_map=sm)  # rank k holds W + sBA exactly
     assert torch.allclose(full(input_ids=tokens).logits, pm(input_ids=tokens).logits, atol=1e-4)
-    small = acip.export(sm, 0.5)
+    small = acip.export(pm, 0.5, score_map=sm)
     assert acip.size_ratio(small) <= 0.5  # adapters are inside the budget, not on top of it
 
 
 def test_save_load_and_file_size(tiny_llama, tokens, tmp_path):
-    sm = ScoreMap.from_singular_values(acip.parametrize(tiny_llama))
+    pm = acip.parametrize(tiny_llama)
+    sm = ScoreMap.from_singular_values(pm)
     sizes = {}
     for ratio in [0.8, 0.4]:
-        small = acip.export(sm, ratio)
+        small = acip.export(pm, ratio, score_map=sm)
         d = tmp_path / str(ratio)
         small.save_pretrained(d)
         sizes[ratio] = (_file_bytes(d), sum(p.numel() for p in small.parameters()))
@@ -106,16 +108,19 @@ def test_save_load_and_file_size(tiny_llama, tokens, tmp_path):
 
 
 def test_rank_zero_layers_roundtrip(tiny_llama, tokens, tmp_path):
-    scores = ScoreMap.from_singular_values(acip.parametrize(tiny_llama))
+    pm = acip.parametrize(tiny_llama)
+    scores = ScoreMap.from_singular_values(pm)
     first = scores.names[0]
     scores.scores[first] -= 10.0  # this layer is dropped first: rank 0 at small ratios
-    small = acip.export(scores, 0.3)
+    small = acip.export(pm, 0.3, score_map=scores)
     assert small.get_submodule(first).rank == 0
     small.save_pretrained(tmp_path)
     assert torch.allclose(acip.load(tmp_path)(input_ids=tokens).logits, small(input_ids=tokens).logits, atol=1e-5)
 
 
-def test_export_from_saved_score_map_rebuilds_model(tmp_path, tokens):
+def test_export_from_a_saved_run_directory_in_a_fresh_process(tmp_path, tokens):
+    """A saved ACIPModel directory (masks, LoRA, score map) exports in a new process exactly like
+    the in-process export; the score map file inside it points export at its directory."""
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)
     model, _ = acip.load_base(str(base_dir))
@@ -124,45 +129,52 @@ def test_export_from_saved_score_map_rebuilds_model(tmp_path, tokens):
         for l in pm.svd_layers().values():
             l.lora_B.normal_(std=0.05)
             l.mask[-3:] = -1
-    sm = ScoreMap.from_masks(pm)
-    sm.meta["adapters"] = "adapters"
-    pm.save_adapters(tmp_path / "run" / "adapters")
-    sm.save(tmp_path / "run" / "score_map.safetensors")
-    expect = acip.export(sm, 0.6)(input_ids=tokens).logits
+    pm.score_map = ScoreMap.from_masks(pm)
+    pm.save_pretrained(tmp_path / "run")
+    expect = acip.export(pm, 0.6)(input_ids=tokens).logits
     code = (
         "import acip, torch, sys; "
-        "sm = acip.ScoreMap.load(sys.argv[1]); m = acip.export(sm, 0.6); "
-        "torch.save(m(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])"
+        "m = acip.export(sys.argv[1], 0.6); m2 = acip.load(sys.argv[1].rsplit('/', 1)[0], ratio=0.6); "
+        "t = torch.load(sys.argv[2]); torch.save((m(input_ids=t).logits, m2(input_ids=t).logits), sys.argv[3])"
     )
     torch.save(tokens, tmp_path / "tok.pt")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(tmp_path / "tok.pt"), str(tmp_path / "out.pt")],
-                   check=True, env={**os.environ, "WANDB_MODE": "disabled"})
-    assert torch.allclose(torch.load(tmp_path / "out.pt"), expect, atol=1e-5)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run" / "score_map.safetensors"), str(tmp_path / "tok.pt"),
+                    str(tmp_path / "out.pt")], check=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    a, b = torch.load(tmp_path / "out.pt")
+    assert torch.allclose(a, expect, atol=1e-5) and torch.allclose(b, expect, atol=1e-5)
 
 
 def test_export_errors(tiny_llama):
-    sm = ScoreMap.from_singular_values(acip.parametrize(copy.deepcopy(tiny_llama)))
+    pm = acip.parametrize(copy.deepcopy(tiny_llama))
+    sm = ScoreMap.from_singular_values(pm)
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
-        acip.export(sm, 1.2)
+        acip.export(pm, 1.2, score_map=sm)
     with pytest.raises(ValueError, match="ratio"):
-        acip.export(sm, 0.0)
-    with pytest.raises(ScoreMapError, match="does not match"):
+        acip.export(pm, 0.0, score_map=sm)
+    with pytest.raises((ScoreMapError, ValueError), match="does not match|differ"):
         acip.export(sm, 0.5, model=tiny_model("phi3"))
+    with pytest.raises(ValueError, match="ratio must be a number"):
+        acip.export(pm, True, score_map=sm)  # ratio=True is not 1.0
+    with pytest.raises(ValueError, match="ratio must be a number"):
+        acip.export(pm, float("nan"), score_map=sm)
     orphan = ScoreMap(sm.scores, sm.shapes, sm.biases, method="x")  # no source, no model bound
     with pytest.raises(ScoreMapError, match="pass the model"):
         acip.export(orphan, 0.5)
     assert acip.size_ratio(acip.export(orphan, 0.5, model=tiny_llama)) <= 0.5
-    with pytest.raises(TypeError, match="ScoreMap"):
+    with pytest.raises(FileNotFoundError, match="no run or model directory"):
         acip.export("score_map.safetensors", 0.5)
+    with pytest.raises(TypeError, match="ScoreMap"):
+        acip.export(42, 0.5)
 
 
 def test_size_report_counts_quantized_factors_as_parameters(tiny_llama):
     from acip.quant import EntropyQuantConfig
 
-    sm = ScoreMap.from_singular_values(acip.parametrize(tiny_llama))
-    small = acip.export(sm, 0.5)
+    pm = acip.parametrize(tiny_llama)
+    sm = ScoreMap.from_singular_values(pm)
+    small = acip.export(pm, 0.5, score_map=sm)
     before = acip.size_report(small)
-    quantized = acip.export(sm, 0.5, quantize=EntropyQuantConfig(lam=3.9, max_iter=20))
+    quantized = acip.export(pm, 0.5, score_map=sm, quantize=EntropyQuantConfig(lam=3.9, max_iter=20))
     after = acip.size_report(quantized)
     assert after.target_params == before.target_params and after.total_params == before.total_params
 
@@ -186,7 +198,7 @@ def test_dense_layers_keep_full_weight_unless_adapted(tiny_llama, tokens):
                  and any(alloc.prefix_ranks(r)[n] < min(sm.shapes[n]) and alloc.prefix_ranks(r)[n] >= int(alloc.dense_from[i])
                          for i, n in enumerate(sm.names) if n in adapted))
     prefix = alloc.prefix_ranks(ratio)
-    small = acip.export(sm, ratio)
+    small = acip.export(pm, ratio, score_map=sm)
     lifted = kept = 0
     for i, n in enumerate(sm.names):
         l, k = pm.svd_layers()[n], min(sm.shapes[n])
@@ -220,14 +232,14 @@ def test_export_without_adapters_is_the_untuned_truncation(tiny_llama, tokens):
     with torch.no_grad():
         for l in pm.svd_layers().values():
             l.lora_B.normal_(std=0.05)
-    with_ad = acip.export(sm, 0.6)
-    without = acip.export(sm, 0.6, adapters=False)
+    with_ad = acip.export(pm, 0.6, score_map=sm)
+    without = acip.export(pm, 0.6, score_map=sm, adapters=False)
     assert without.config.acip_export["adapters"] is False and with_ad.config.acip_export["adapters"] is True
     saved = {n: l.lora_B.detach().clone() for n, l in pm.svd_layers().items()}
     with torch.no_grad():  # the reference: the same model with its adapters zeroed
         for l in pm.svd_layers().values():
             l.lora_B.zero_()
-    reference = acip.export(sm, 0.6)
+    reference = acip.export(pm, 0.6, score_map=sm)
     assert without.config.acip_layout == reference.config.acip_layout
     with torch.no_grad():
         assert torch.allclose(without(tokens).logits, reference(tokens).logits, atol=1e-5)
@@ -235,4 +247,4 @@ def test_export_without_adapters_is_the_untuned_truncation(tiny_llama, tokens):
         for n, l in pm.svd_layers().items():
             l.lora_B.copy_(saved[n])
     with pytest.raises(TypeError, match="adapters='no'"):
-        acip.export(sm, 0.6, adapters="no")
+        acip.export(pm, 0.6, score_map=sm, adapters="no")

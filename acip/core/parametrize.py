@@ -179,7 +179,7 @@ class ACIPModel(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        from acip import __version__
+        from .._version import __version__
 
         tensors = dict(self.adapter_state())
         for n, l in self.svd_layers().items():

@@ -256,7 +256,7 @@ class ScoreMap:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file atomically: scores as tensors, the rest in the header,
         every tensor and the header covered by sha256 (:func:`acip.core.io.save_tensors`)."""
-        from acip import __version__
+        from .._version import __version__
 
         header = {
             "format": FORMAT,
