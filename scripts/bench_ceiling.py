@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import acip
-from acip.eval.machine import machine_header
+from machine import machine_header  # scripts/machine.py
 
 
 def lora_model(base: torch.nn.Module, r: int, alpha: float) -> torch.nn.Module:

@@ -16,7 +16,7 @@ import torch
 
 import acip
 from acip.core import ScoreMap
-from acip.eval.machine import machine_header
+from machine import machine_header  # scripts/machine.py
 
 
 def bench_allocation(n_ratios: int = 200) -> None:
@@ -73,7 +73,7 @@ def main() -> None:
     param_s = time.perf_counter() - t
     sm = ScoreMap.from_singular_values(pm)
     t = time.perf_counter()
-    half = acip.export(sm, 0.5)
+    half = acip.export(pm, 0.5, score_map=sm)
     export_s = time.perf_counter() - t
     print("\n### Export of SmolLM2-135M (model load excluded)\n")
     print("| step | time | target |\n|---|---|---|")
@@ -86,7 +86,7 @@ def main() -> None:
     ratios = [1.0, 0.8, 0.6, 0.4]
     models = {"dense": dense}
     for r in ratios:
-        models[f"{r:.1f}"] = acip.export(sm, r)
+        models[f"{r:.1f}"] = acip.export(pm, r, score_map=sm)
     print("\n### Forward latency of exported SmolLM2 relative to dense (same run, interleaved)\n")
     print("| batch | " + " | ".join(f"ratio {k}" for k in models if k != "dense") + " | dense ms |")
     print("|---|" + "---|" * len(models))

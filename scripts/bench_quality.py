@@ -24,7 +24,7 @@ import torch
 
 import acip
 from acip.eval import format_table, perplexity, ratio_sweep, token_windows
-from acip.eval.machine import machine_header
+from machine import machine_header  # scripts/machine.py
 
 PYDOC_MODULES = ["json", "re", "collections", "itertools", "functools", "pathlib", "argparse",
                  "logging", "subprocess", "dataclasses", "typing", "string", "textwrap", "csv"]
@@ -95,10 +95,12 @@ def main() -> None:
         raise SystemExit(f"--rows: unknown {sorted(rows - known)}; choose from {', '.join(sorted(known))}")
     torch.set_num_threads(args.threads)
     print(machine_header())
-    sm = acip.ScoreMap.load(Path(args.run_dir) / "score_map.safetensors")
+    cfg = acip.ScoreMap.load(args.run_dir).config
+    base, tok = acip.load_base(cfg.source.model)
+    pm = acip.ACIPModel.from_pretrained(args.run_dir, model=copy.deepcopy(base))  # the run, as trained
+    sm = pm.score_map
     run_steps = int(sm.meta.get("global_step", 0))
     run_name = f"{args.label or Path(args.run_dir).name}, {run_steps} steps"
-    base, tok = acip.load_base(sm.source["model"])
     train, held = acip.data.kjv_split()
     domains = {"KJV held-out": token_windows(tok, held, 256, args.windows),
                "Python pydoc": token_windows(tok, pydoc_texts(), 256, args.windows)}
@@ -110,7 +112,7 @@ def main() -> None:
     variants += [(f"ACIP ({run_name}, no adapters)", False)] if "acip_noad" in rows else []
     for name, adapters in variants:  # real exports, the model a user gets
         for r in args.ratios:
-            small = acip.export(sm, r, adapters=adapters)
+            small = acip.export(pm, r, adapters=adapters)
             for d, w in domains.items():
                 results[d].setdefault(name, {})[r] = perplexity(small, tok, w, progress=False)
             del small
@@ -132,7 +134,7 @@ def main() -> None:
     if "aa" in rows:
         aa = acip.activation_aware(base, calib.split(4))
         for d, w in domains.items():
-            results[d]["activation-aware (KJV calib)"] = ratio_sweep(aa.model, aa, tok, w, args.ratios)
+            results[d]["activation-aware (KJV calib)"] = ratio_sweep(aa, aa.score_map, tok, w, args.ratios)
 
     for d in domains:
         print(f"\n### {d}: perplexity ({args.windows} windows x 256 tokens), fp32 = {fp32[d]:.2f}\n")

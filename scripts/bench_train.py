@@ -20,7 +20,7 @@ import time
 import torch
 
 import acip
-from acip.eval.machine import machine_header
+from machine import machine_header  # scripts/machine.py
 
 
 def step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, x: torch.Tensor) -> float:

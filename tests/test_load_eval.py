@@ -42,9 +42,10 @@ def test_load_adapter_dir_rebuilds_parametrized_model(tiny_llama, tmp_path):
     with torch.no_grad():
         for l in pm.svd_layers().values():
             l.mask[::3] = -1
-    pm.save_adapters(tmp_path / "ad")
+    pm.save_pretrained(tmp_path / "ad")
     again = acip.load(tmp_path / "ad")
     assert isinstance(again, acip.ACIPModel) and again.active_ranks() == pm.active_ranks()
+    assert again.acip_config.source.model == str((tmp_path / "base").resolve())
 
 
 def test_kjv_split():

@@ -109,7 +109,7 @@ def test_adapters_roundtrip(tiny_llama, tmp_path, tokens):
         for l in pm.svd_layers().values():
             l.mask.uniform_(-0.02, 0.02)
             l.lora_B.normal_()
-    pm.save_adapters(tmp_path / "ad")
-    pm2 = acip.parametrize(base, lora={"r": 2, "lora_alpha": 4})
-    pm2.load_adapters(tmp_path / "ad")
+    pm.save_pretrained(tmp_path / "ad")
+    pm2 = acip.ACIPModel.from_pretrained(tmp_path / "ad", model=base)
+    assert pm2.acip_config == pm.acip_config and pm2.score_map is None
     assert torch.allclose(pm(input_ids=tokens).logits, pm2(input_ids=tokens).logits, atol=1e-6)

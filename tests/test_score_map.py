@@ -176,13 +176,13 @@ def test_mismatched_model_lists_names(tiny_llama):
     sm = ScoreMap.from_singular_values(pm)
     other = acip.parametrize(tiny_model("phi3"))  # fused qkv_proj: other names
     with pytest.raises(ScoreMapError, match="does not match the model") as e:
-        sm.bind(other)
+        sm.check_compatible(other)
     assert "model.layers.0.self_attn.q_proj" in str(e.value)
     first = sm.names[0]
     shapes = dict(sm.shapes, **{first: (sm.shapes[first][0] + 1, sm.shapes[first][1])})
     wider = ScoreMap(sm.scores, shapes, sm.biases, method="x")  # same names, one shape differs
     with pytest.raises(ScoreMapError, match="shape"):
-        wider.bind(pm)
+        wider.check_compatible(pm)
 
 
 def test_allocation_scales_to_7b_shapes():

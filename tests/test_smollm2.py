@@ -27,7 +27,7 @@ def test_gguf_base_is_clean_and_parametrization_exact(smollm2, smol_windows, tmp
     assert ((out - ref).norm() / ref.norm()) <= 1e-4
 
     sm = acip.ScoreMap.from_singular_values(pm)
-    small = acip.export(sm, 0.8)
+    small = acip.export(pm, 0.8, score_map=sm)
     rep = acip.size_report(small)
     assert 0.79 < rep.target_ratio <= 0.8
     small.save_pretrained(tmp_path / "smol-80")
@@ -44,7 +44,7 @@ def test_gguf_base_is_clean_and_parametrization_exact(smollm2, smol_windows, tmp
 
 def test_gguf_file_loads_clean_and_saves(smollm2, tmp_path):
     """Straight from the .gguf file (no cache): transformers flags it quantized; acip's copy saves."""
-    from acip.load import BUILTIN_MODELS, _package_dir
+    from acip.core.base import BUILTIN_MODELS, _package_dir
 
     spec = BUILTIN_MODELS["smollm2-135m"]
     gguf = _package_dir(spec["package"], spec["install"]) / spec["file"]

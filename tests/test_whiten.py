@@ -35,24 +35,27 @@ def test_activation_aware_score_map_exports_and_reloads(tiny_llama, tokens, tmp_
     assert torch.allclose(pm(input_ids=tokens).logits, ref, atol=1e-4)
     sm = acip.ScoreMap.from_singular_values(pm)
     assert sm.method == "activation_aware"
-    small = acip.export(sm, 0.5)
-    sm.save(tmp_path / "run" / "score_map.safetensors")
-    assert (tmp_path / "run" / "score_map.whitening.safetensors").is_file()
-    again = acip.export(acip.ScoreMap.load(tmp_path / "run"), 0.5)  # rebuilt from file + factors
+    small = acip.export(pm, 0.5, score_map=sm)
+    pm.score_map = sm
+    pm.save_pretrained(tmp_path / "run")  # the basis (whitening factors) is part of the model's state
+    with pytest.raises(acip.ScoreMapError, match="activation-aware basis"):
+        acip.export(acip.ScoreMap.load(tmp_path / "run"), 0.5)  # a bare map cannot rebuild the basis
+    again = acip.export(tmp_path / "run", 0.5)  # rebuilt from the directory: base model + saved factors
     assert torch.allclose(again(input_ids=tokens).logits, small(input_ids=tokens).logits, atol=1e-5)
 
 
 def test_activation_aware_one_call_matches_the_manual_recipe(tiny_llama, tokens):
     calib = [torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    sm = acip.activation_aware(tiny_llama, calib, svd_dtype=torch.float64)
+    white = acip.activation_aware(tiny_llama, calib, svd_dtype=torch.float64)
+    sm = white.score_map
     assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items())  # untouched
     manual = acip.ScoreMap.from_singular_values(
         acip.parametrize(copy.deepcopy(tiny_llama), whitening=calibrate_whitening(tiny_llama, calib)))
     assert sm.method == "activation_aware" and sm.names == manual.names
     for n in sm.names:
         assert torch.allclose(sm.scores[n], manual.scores[n], rtol=1e-4, atol=1e-6)
-    small = acip.export(sm, 0.6)
+    small = acip.export(white, 0.6)
     assert acip.size_ratio(small) <= 0.6
     with pytest.raises(ValueError, match="no batches"):
         acip.activation_aware(tiny_llama, [])

@@ -1,90 +1,127 @@
-"""``python -m acip.export run_dir=... ratio=0.6 [quantize=entropy quantize.lam=14.5] [adapters=false] [out=...]``
+"""``acip-export`` / ``python -m acip.export``: export a finished run at one ratio and save it.
 
-Loads ``<run_dir>/score_map.safetensors`` (the model source and the adapters location travel in
-its metadata), exports at ``ratio`` and saves with ``save_pretrained`` to ``out`` (default
-``<run_dir>/export_r<100*ratio>``, plus ``-<quantize>``, plus ``-no-adapters`` with ``adapters=false``, which
-leaves the run's LoRA adapters out). Reload with ``acip.load(out)``.
-Arguments are ``key=value`` (Hydra-style overrides, without Hydra's output directories).
+    acip-export <run_dir> --ratio 0.6 [--quantize entropy --quantize-arg lam=14.5] [--no-adapters] [--out DIR]
+
+The Hydra-style spelling of earlier versions (``run_dir=... ratio=0.6 quantize=entropy
+quantize.lam=14.5 adapters=false out=...``) is accepted too. The run directory holds the model's
+own description (:meth:`acip.ACIPModel.save_pretrained`); its base model is loaded once, and
+its tokenizer is saved next to the export. Default ``--out``: ``<run_dir>/export_r<100*ratio>``
+(plus ``-<quantize>``, plus ``-no-adapters``). Reload with ``acip.load(out)``.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "parse_args"]
+__all__ = ["main", "build_parser"]
 
-USAGE = "usage: python -m acip.export run_dir=<run dir or score_map.safetensors> ratio=0.6 [quantize=entropy quantize.lam=14.5] [adapters=false] [out=<dir>]"
-KEYS = {"run_dir", "ratio", "out", "quantize", "adapters"}
+_LEGACY = {"ratio": "--ratio", "out": "--out", "quantize": "--quantize"}
 
 
-def _value(text: str) -> Any:
-    import yaml
+def _ratio(text: str) -> float:
+    from acip.core.size import check_ratio
 
     try:
-        return yaml.safe_load(text)
+        return check_ratio(float(text), "ratio")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid ratio {text!r}: {e}") from None
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, val = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (e.g. lam=14.5), got {text!r}")
+    try:
+        return key, yaml.safe_load(val)
     except yaml.YAMLError:
-        return text
+        return key, val
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs; ``quantize.<field>=v`` collect into ``quantize_args``."""
-    args: dict[str, Any] = {"quantize_args": {}}
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="acip-export", description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: acip-export outputs/2026-12-01/10-00-00 --ratio 0.6 "
+                                        "--quantize entropy --quantize-arg lam=14.5")
+    ap.add_argument("run_dir", help="a run directory (or its score_map.safetensors)")
+    ap.add_argument("--ratio", type=_ratio, required=True, help="fraction of target-layer parameters to keep, in (0, 1]")
+    ap.add_argument("--quantize", choices=["entropy", "nf4"], default=None, help="hand the factors to a quantizer")
+    ap.add_argument("--quantize-arg", type=_kv, action="append", default=[], metavar="FIELD=VALUE",
+                    help="a field of the quantizer's config, e.g. lam=14.5 (repeatable)")
+    ap.add_argument("--no-adapters", action="store_true", help="leave the run's LoRA adapters out")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: inside the run directory)")
+    return ap
+
+
+def _modernise(argv: Sequence[str]) -> list[str]:
+    """Translate the earlier ``key=value`` spelling into flags (argparse parses the result)."""
+    out: list[str] = []
     for a in argv:
         key, sep, val = a.partition("=")
-        if not sep:
-            raise SystemExit(f"acip.export: argument {a!r} is not key=value\n{USAGE}")
-        if key.startswith("quantize."):
-            args["quantize_args"][key.split(".", 1)[1]] = _value(val)
-        elif key in KEYS:
-            args[key] = val if key in ("run_dir", "out") else _value(val)
+        if not sep or a.startswith("-"):
+            out.append(a)
+        elif key == "run_dir":
+            out.append(val)
+        elif key in _LEGACY:
+            out += [_LEGACY[key], val]
+        elif key.startswith("quantize."):
+            out += ["--quantize-arg", f"{key.split('.', 1)[1]}={val}"]
+        elif key == "adapters":
+            if val.lower() in ("false", "no", "0"):
+                out.append("--no-adapters")
+            elif val.lower() not in ("true", "yes", "1"):
+                out.append(f"--adapters={val}")  # argparse names it as unrecognised
         else:
-            raise SystemExit(f"acip.export: unknown argument {key!r} (known: {sorted(KEYS)}, quantize.<field>)\n{USAGE}")
-    for need in ("run_dir", "ratio"):
-        if need not in args:
-            raise SystemExit(f"acip.export: {need}= is required\n{USAGE}")
-    return args
-
-
-def _quantize_spec(name: Any, params: dict[str, Any]) -> Any:
-    if name in (None, "none", False):
-        if params:
-            raise SystemExit("acip.export: quantize.<field>= given without quantize=<method> (e.g. quantize=entropy)")
-        return None
-    if name == "entropy" and params:
-        from acip.quant.config import EntropyQuantConfig
-
-        return EntropyQuantConfig(**params)
-    if params:
-        raise SystemExit(f"acip.export: quantize={name} takes no quantize.<field> options")
-    return str(name)
+            out.append(f"--{key}={val}")  # argparse names it as unrecognised
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Export a finished run at one ratio and save it; prints the measured size."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Export at one ratio and save; prints the measured size."""
+    ap = build_parser()
+    args = ap.parse_args(_modernise(sys.argv[1:] if argv is None else argv))
+    if args.quantize_arg and args.quantize is None:
+        ap.error("--quantize-arg given without --quantize (e.g. --quantize entropy)")
     import acip
+    from acip.core.base import load_base
+    from acip.core.config import ACIPConfig
+    from acip.core.parametrize import STATE_FILE, ACIPModel
 
-    sm = acip.ScoreMap.load(args["run_dir"])
-    ratio = float(args["ratio"])
-    q = _quantize_spec(args.get("quantize"), args["quantize_args"])
-    run_dir = sm.path.parent
-    adapters = args.get("adapters", True)
-    if not isinstance(adapters, bool):
-        raise SystemExit(f"acip.export: adapters={adapters!r}; use adapters=true or adapters=false\n{USAGE}")
-    suffix = (f"-{args['quantize']}" if q is not None else "") + ("" if adapters else "-no-adapters")
-    out = Path(args.get("out") or run_dir / f"export_r{int(round(100 * ratio))}{suffix}")
-    model = acip.export(sm, ratio=ratio, quantize=q, adapters=adapters)
+    run_dir = Path(args.run_dir).expanduser()
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    if not (run_dir / STATE_FILE).is_file():
+        ap.error(f"{str(run_dir)!r} holds no {STATE_FILE}: pass the directory of a finished run "
+                 f"(or convert an old one with python -m acip.convert {run_dir})")
+    quantize: Any = None
+    if args.quantize == "entropy":
+        from acip.quant import EntropyQuantConfig
+
+        quantize = EntropyQuantConfig(**dict(args.quantize_arg)) if args.quantize_arg else "entropy"
+    elif args.quantize == "nf4":
+        if args.quantize_arg:
+            ap.error("--quantize nf4 takes no --quantize-arg options")
+        quantize = "nf4"
+    import json
+
+    import torch
+
+    cfg = ACIPConfig.from_dict(json.loads((run_dir / "acip_config.json").read_text())["config"])
+    base, tok = (load_base(cfg.source.model, dtype=getattr(torch, cfg.source.dtype)) if cfg.source.model
+                 else (None, None))  # the base model once, with its tokenizer
+    pm = ACIPModel.from_pretrained(run_dir, model=base)
+    adapters = not args.no_adapters
+    suffix = (f"-{args.quantize}" if quantize is not None else "") + ("" if adapters else "-no-adapters")
+    out = args.out or run_dir / f"export_r{int(round(100 * args.ratio))}{suffix}"
+    model = acip.export(pm, args.ratio, quantize=quantize, adapters=adapters)
     rep = acip.size_report(model)
     model.save_pretrained(out)
-    src = sm.source.get("model")
-    try:
-        _, tok = acip.load_base(src) if src else (None, None)
-    except Exception:  # noqa: BLE001 - the tokenizer is a convenience
-        tok = None
     if tok is not None:
         tok.save_pretrained(out)
-    print(f"[acip] exported {sm.method} score map at ratio {ratio}: measured target-layer ratio "
+    print(f"[acip] exported {pm.score_map.method} score map at ratio {args.ratio}: measured target-layer ratio "
           f"{rep.target_ratio:.4f}, whole model {rep.full_ratio:.4f} -> {out}", flush=True)
     return out
 
