@@ -352,3 +352,23 @@ def test_acip_config_validates_and_round_trips():
         ACIPConfig.from_dict({"targets": "all-linear"})
     with pytest.raises(TypeError, match="unknown arguments"):
         acip.parametrize(tiny_model("llama"), rank=3)
+
+
+def test_truncated_export_is_a_clear_error_with_or_without_verification(tiny_llama, tmp_path):
+    pm = acip.parametrize(tiny_llama)
+    acip.export(pm, 0.5, score_map=ScoreMap.from_singular_values(pm)).save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        acip.load(tmp_path)
+    with pytest.raises(ArtifactError, match="model.safetensors|weights do not load"):
+        acip.load(tmp_path, verify=False)
+
+
+def test_export_cli_help_and_bad_ratio_name_the_argument(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "acip.export", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "--ratio" in out.stdout and "--quantize" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "acip.export", str(tmp_path), "ratio=abc"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "--ratio" in bad.stderr and "'abc'" in bad.stderr and "Traceback" not in bad.stderr
