@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -32,7 +33,7 @@ from torch import nn  # noqa: E402
 
 import acip  # noqa: E402
 from acip import quant  # noqa: E402
-from acip.eval.machine import machine_header  # noqa: E402
+from machine import machine_header  # scripts/machine.py  # noqa: E402
 
 LAMS = (3.9, 14.5, 58.0)
 KEEP: dict[str, nn.Module] = {}  # the lam=14.5 SmolLM2, reused by the decode table
@@ -53,7 +54,7 @@ def hqq_(model: nn.Module, nbits: int) -> tuple[nn.Module, int]:
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     stored = 0
-    for name, lin in quant.target_linears(model, quant.EntropyQuantConfig()).items():
+    for name, lin in quant.target_linears(model).items():
         q = HQQLinear(lin, quant_config=BaseQuantizeConfig(nbits=nbits, group_size=64),
                       compute_dtype=torch.float32, device="cpu", del_orig=False)
         for k in ("scale", "zero"):  # stored as fp16 (counted at 2 bytes): round them to fp16
@@ -75,7 +76,7 @@ def peers(base: nn.Module, fmts: tuple[str, ...] = ("e4m3",), lams: tuple[float,
 
     def nf4() -> tuple[nn.Module, float, float]:
         t = time.perf_counter()
-        m = quant.apply(copy.deepcopy(base), "nf4")
+        m = quant.quantize_(copy.deepcopy(base), "nf4")
         rows = quant.report(m).rows
         return m, 8.0 * sum(r.coded_bytes for r in rows) / params, time.perf_counter() - t
 
@@ -173,14 +174,16 @@ def pareto_table(model: nn.Module, tok: Any, windows: int, ratios: tuple[float, 
                  score_map: str | None = None, adapters: bool = True) -> list[dict]:
     _, heldout = acip.data.kjv_split()
     ids = acip.eval.token_windows(tok, heldout, seq_len=256, max_windows=windows)
-    if score_map:  # a trained run's map: rebuilt from its recorded base model, adapters loaded
-        sm = acip.ScoreMap.load(score_map)
+    if score_map:  # a trained run: its directory holds the config, basis, adapters and score map
+        run = Path(score_map)
+        source, sm = acip.load(run.parent if run.is_file() else run), None
     else:
-        sm = acip.ScoreMap.from_singular_values(acip.parametrize(copy.deepcopy(model)))
+        source = acip.parametrize(copy.deepcopy(model))
+        sm = acip.ScoreMap.from_singular_values(source)
     dense_params = linear_params(model)  # bits below are per parameter of the original dense layers
     rows = []
     for ratio in ratios:
-        small = acip.export(sm, ratio=ratio, adapters=adapters)
+        small = acip.export(source, ratio=ratio, score_map=sm, adapters=adapters)
         dense_ppl = acip.eval.perplexity(small, tok, ids, progress=False)
         params = linear_params(small)
         rows.append({"ratio": ratio, "lam": None, "target_bytes": params * 4, "bits": 32.0 * params / dense_params,
@@ -250,7 +253,7 @@ def main() -> None:
     ap.add_argument("--fmts", default="e4m3", help="code formats of our rows, e.g. e4m3,int8")
     ap.add_argument("--lams", default=",".join(f"{x:g}" for x in LAMS), help="lam values of our rows")
     ap.add_argument("--no-peers", action="store_true", help="only fp32 and our rows (no NF4/HQQ)")
-    ap.add_argument("--score-map", default=None, help="pareto: a trained run's score_map.safetensors")
+    ap.add_argument("--score-map", default=None, help="pareto: a trained run directory (or its score_map.safetensors)")
     ap.add_argument("--no-adapters", action="store_true", help="pareto: export without the run's adapters")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = ap.parse_args()

@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 
 import acip  # noqa: E402
 from acip import quant  # noqa: E402
-from acip.eval.machine import machine_header  # noqa: E402
+from machine import machine_header  # scripts/machine.py  # noqa: E402
 
 
 def code_entropy(codes: torch.Tensor) -> float:
@@ -130,7 +130,7 @@ def main() -> None:
     model, tok = acip.load_base("smollm2-135m")
     _, heldout = acip.data.kjv_split()
     ids = acip.eval.token_windows(tok, heldout, seq_len=256, max_windows=args.windows)
-    lins = quant.target_linears(model, quant.EntropyQuantConfig())
+    lins = quant.target_linears(model)
     orig = {n: lin.weight.detach().clone() for n, lin in lins.items()}
     weights = list(orig.values())
     npr = {n: entropy_power_ratio(w) for n, w in orig.items()}

@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from acip.eval.machine import machine_header
+from machine import machine_header  # scripts/machine.py
 from acip.quant import rans
-from acip.quant.rans_ref import constriction_decode, constriction_encode
+from rans_ref import constriction_decode, constriction_encode, ideal_bits  # scripts/rans_ref.py
 
 TABLE_BYTES = 2 * 256  # per tensor: 256 uint16 frequencies (both codecs need one)
 
@@ -79,7 +79,7 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float, list[flo
 def bench(name: str, tensors: list[np.ndarray], repeat: int, threads: list[int]) -> list[str]:
     n = sum(t.size for t in tensors)
     hists = [np.bincount(t, minlength=256) for t in tensors]
-    h_bits = sum(rans.entropy_bits(h) for h in hists)
+    h_bits = sum(ideal_bits(h) for h in hists)
     rows = []
 
     def row(codec: str, nbytes: int, enc_s: float, dec: tuple) -> str:
@@ -122,7 +122,7 @@ def bench(name: str, tensors: list[np.ndarray], repeat: int, threads: list[int])
 def sweep(tensors: list[np.ndarray], repeat: int) -> list[str]:
     """Stream length trade-off: per-stream state cost vs lockstep width."""
     n = sum(t.size for t in tensors)
-    h_bits = sum(rans.entropy_bits(np.bincount(t, minlength=256)) for t in tensors)
+    h_bits = sum(ideal_bits(np.bincount(t, minlength=256)) for t in tensors)
     rows, keep = [], rans.SYMBOLS_PER_STREAM  # module default, read by rans_encode
     for sps in (1024, 2048, 4096, 8192, 16384):
         rans.SYMBOLS_PER_STREAM = sps

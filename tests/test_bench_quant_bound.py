@@ -1,18 +1,16 @@
 """The estimators behind scripts/bench_quant_bound.py (the ideal-quantizer bound of BENCHMARKS.md)."""
 from __future__ import annotations
 
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_quant_bound", Path(__file__).resolve().parents[1] / "scripts" / "bench_quant_bound.py")
-bound = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bound)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the script and its siblings
+import bench_quant_bound as bound  # noqa: E402
 
 
 def test_code_entropy_matches_closed_form() -> None:

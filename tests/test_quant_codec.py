@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from acip.core.io import ChecksumError
 from acip.quant.codec import (
-    ChecksumError,
     CodecError,
     EncodedTensor,
     available_backends,
@@ -85,8 +85,9 @@ def test_corrupted_stream_raises_checksum_error_naming_tensor(backend: str) -> N
     bad = enc.stream.clone()
     bad[len(bad) // 2] ^= 0x5A
     broken = EncodedTensor(bad, enc.table, enc.meta, enc.shape, enc.sha256, enc.name)
-    with pytest.raises(ChecksumError, match="layers.3.mlp.up_proj"):
+    with pytest.raises(ChecksumError, match="layers.3.mlp.up_proj") as err:
         decode_codes(broken)
+    assert err.value.tensor == "layers.3.mlp.up_proj"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

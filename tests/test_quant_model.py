@@ -16,6 +16,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import acip  # noqa: E402
 from acip import quant  # noqa: E402
+from acip.core.io import ArtifactError  # noqa: E402
 from acip.quant import ChecksumError, EntQuantLinear, EntropyQuantConfig  # noqa: E402
 
 
@@ -130,24 +131,34 @@ def test_corrupted_file_raises_checksum_error_naming_layer(saved: dict, tmp_path
     start = 8 + struct.unpack("<Q", raw[:8])[0]
     raw[start + (lo + hi) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    broken = acip.load(d)
-    with pytest.raises(ChecksumError, match="model.layers.1.self_attn.v_proj"):
+    with pytest.raises(ChecksumError, match=rf"model.safetensors.*{name}") as err:  # the manifest, on load
+        acip.load(d)
+    assert err.value.tensor == name and err.value.file == str(path)
+    broken = acip.load(d, verify=False)  # past the manifest, the layer's own sha256 still refuses it
+    with pytest.raises(ChecksumError, match="model.layers.1.self_attn.v_proj") as err:
         _logits(broken)
+    assert err.value.tensor == ("model.layers.1.self_attn.v_proj" if part == "codes_stream" else name)
 
 
 def test_missing_weights_file_is_a_clear_error(saved: dict, tmp_path: Path) -> None:
     d = tmp_path / "nofile"
     d.mkdir()
     (d / "config.json").write_bytes((saved["dir"] / "config.json").read_bytes())
-    with pytest.raises(OSError, match="model.safetensors|no file named"):
+    with pytest.raises(ArtifactError, match="has no acip_manifest.json"):
         acip.load(d)
+    (d / "acip_manifest.json").write_bytes((saved["dir"] / "acip_manifest.json").read_bytes())
+    with pytest.raises(ArtifactError, match=r"model.safetensors' is listed in the manifest but missing"):
+        acip.load(d)
+    with pytest.raises(ArtifactError, match="no file named model.safetensors"):
+        acip.load(d, verify=False)
 
 
 def test_quantizes_each_factor_of_lowrank_layers(tmp_path: Path) -> None:
     base = _tiny(seed=2)
     ref = _logits(base)
     pm = acip.parametrize(base)
-    small = acip.export(acip.ScoreMap.from_singular_values(pm), ratio=0.9, quantize=EntropyQuantConfig(lam=3.9))
+    small = acip.export(pm, ratio=0.9, score_map=acip.ScoreMap.from_singular_values(pm),
+                        quantize=EntropyQuantConfig(lam=3.9))
     names = set(quant.quantized_layers(small))
     assert any(n.endswith(".down") for n in names) and any(n.endswith(".up") for n in names)
     out = _logits(small)
@@ -167,16 +178,16 @@ def test_outlier_layer_is_listed_as_fallback() -> None:
     assert len(rep.rows) == 4
 
 
-def test_apply_accepts_strings_and_dicts() -> None:
-    m = quant.apply(_tiny(), {"lam": 14.5, "target_modules": ["q_proj"]})
+def test_quantize_accepts_strings_and_dicts() -> None:
+    m = quant.quantize_(_tiny(), {"lam": 14.5, "target_modules": ["q_proj"]})
     assert len(quant.quantized_layers(m)) == 2
-    with pytest.raises(ValueError, match="unknown quantize spec 'fp4'"):
-        quant.apply(_tiny(), "fp4")
+    with pytest.raises(ValueError, match=r"unknown quantizer 'fp4'.*EntropyQuantConfig.*'nf4'"):
+        quant.quantize_(_tiny(), "fp4")
 
 
 def test_nf4_hand_off_or_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [bench] extra")
-    m = quant.apply(_tiny(), "nf4")
+    m = quant.quantize_(_tiny(), "nf4")
     rep = quant.report(m)
     assert len(rep.rows) == 14 and all(r.method == "nf4" for r in rep.rows)
     assert all(r.stream_bytes * 2 == r.params for r in rep.rows)  # packed 4-bit codes
@@ -184,7 +195,7 @@ def test_nf4_hand_off_or_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _rel(_logits(m), _logits(_tiny())) < 0.2
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r"bitsandbytes.*pip install"):
-        quant.apply(_tiny(), "nf4")
+        quant.quantize_(_tiny(), "nf4")
 
 
 def _flip_byte(path: Path, tensor: str) -> None:
@@ -201,7 +212,7 @@ def test_nf4_save_and_reload_round_trip(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [bench] extra")
     from acip.quant.nf4 import NF4Linear
 
-    m = quant.apply(_tiny(), "nf4")
+    m = quant.quantize_(_tiny(), "nf4")
     out = _logits(m)
     assert m.config.acip_layout["model.layers.0.mlp.up_proj"]["kind"] == "nf4"
     m.save_pretrained(tmp_path / "nf4")
@@ -221,8 +232,11 @@ def test_nf4_save_and_reload_round_trip(tmp_path: Path) -> None:
     assert _rel(_logits(half).float(), out) < 0.05
     # a corrupted byte is a checksum error naming the layer
     _flip_byte(tmp_path / "nf4" / "model.safetensors", "model.layers.1.mlp.gate_proj.qweight")
-    with pytest.raises(ChecksumError, match="model.layers.1.mlp.gate_proj"):
-        _logits(acip.load(tmp_path / "nf4"))
+    with pytest.raises(ChecksumError, match="model.layers.1.mlp.gate_proj.qweight"):
+        acip.load(tmp_path / "nf4")
+    with pytest.raises(ChecksumError, match="model.layers.1.mlp.gate_proj.qweight") as err:
+        _logits(acip.load(tmp_path / "nf4", verify=False))  # the layer's own per-tensor digest
+    assert err.value.tensor == "model.layers.1.mlp.gate_proj.qweight"
 
 
 def test_nf4_export_of_lowrank_factors_reloads(tmp_path: Path) -> None:
@@ -230,7 +244,8 @@ def test_nf4_export_of_lowrank_factors_reloads(tmp_path: Path) -> None:
     from acip.quant.nf4 import NF4Linear
 
     base = _tiny(seed=4)
-    small = acip.export(acip.ScoreMap.from_singular_values(acip.parametrize(base)), ratio=0.9, quantize="nf4")
+    pm = acip.parametrize(base)
+    small = acip.export(pm, ratio=0.9, score_map=acip.ScoreMap.from_singular_values(pm), quantize="nf4")
     names = [n for n, mod in small.named_modules() if isinstance(mod, NF4Linear)]
     assert any(n.endswith(".down") for n in names)  # factors with in_features % 64 == 0
     out = _logits(small)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import acip.quant.optimize as opt
-from acip.quant import EntropyQuantConfig, OutlierError, absmax8, quantize_weight
+from acip.quant import EntropyQuantConfig, OutlierError, absmax8, quantize_weight, resolve_config
 from acip.quant.formats import code_values, get_format
 
 
@@ -121,12 +121,12 @@ def test_config_validation_names_value_and_fix() -> None:
     with pytest.raises(ValueError, match="fallback"):
         EntropyQuantConfig(fallback="fp16")
     with pytest.raises(TypeError, match="unknown fields"):
-        EntropyQuantConfig.from_any({"lam": 1.0, "lamda": 2.0})
+        resolve_config({"lam": 1.0, "lamda": 2.0})
 
 
 def test_config_from_plain_dict_and_strings() -> None:
     d = {"lam": "14.5", "fmt": "INT8", "max_iter": 100, "target_modules": ["q_proj", "v_proj"]}
     cfg = EntropyQuantConfig(**d)
     assert cfg.lam == 14.5 and cfg.fmt == "int8" and cfg.target_modules == ("q_proj", "v_proj")
-    assert EntropyQuantConfig.from_any("entropy") == EntropyQuantConfig()
-    assert EntropyQuantConfig.from_any(cfg.to_dict()) == cfg
+    assert resolve_config("entropy") == resolve_config("ENTQUANT") == resolve_config(None) == EntropyQuantConfig()
+    assert resolve_config(cfg.to_dict()) == cfg

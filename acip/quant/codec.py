@@ -4,12 +4,13 @@ Each tensor is coded against its own histogram, quantized to integer frequencies
 ``sum f = 2**prob_bits``; the ideal cost is ``-sum_s c_s log2(f_s / 2**prob_bits)`` bits, within
 a fraction of a percent of the empirical entropy. Two interchangeable backends:
 
-* ``"torch"``: ``acip.quant.rans`` (interleaved rANS, lockstep torch decoder; default when present);
+* ``"torch"``: ``acip.quant.rans`` (interleaved rANS, lockstep torch decoder; the default);
 * ``"constriction"``: the reference ``AnsCoder``, one coder per chunk of ``chunk_bytes`` symbols.
 
 Stored per tensor (everything counts toward bits/param): the payload (uint8), the packed
 frequency table (a 32-byte bitmap of used symbols + ``uint16 f-1`` per used symbol) and a
-sha256 over payload, table, meta and shape, checked before every decode.
+sha256 over payload, table, meta and shape, checked before every decode (a mismatch is
+``acip.core.io.ChecksumError`` naming the tensor).
 """
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..core.io import ChecksumError
+from . import rans
+from .formats import entropy_bits
+
 __all__ = [
-    "EncodedTensor", "CodecError", "ChecksumError", "encode_codes", "decode_codes", "decode_many",
-    "available_backends", "pack_table", "unpack_table",
+    "EncodedTensor", "CodecError", "encode_codes", "decode_codes", "decode_many", "available_backends",
+    "pack_table", "unpack_table",
 ]
 
-PROB_BITS = 12
 SHA_BYTES = 32
 BITMAP_BYTES = 32  # one bit per symbol
 
@@ -36,21 +40,8 @@ class CodecError(ValueError):
     """A coded tensor that cannot be decoded; the message names the tensor."""
 
 
-class ChecksumError(CodecError):
-    """Stored bytes do not match their sha256: the checkpoint is corrupted or truncated."""
-
-
-def _rans() -> Any | None:
-    try:
-        from . import rans
-    except ImportError:
-        return None
-    needed = ("rans_encode", "rans_decode_many", "quantize_freqs", "PROB_BITS")
-    return rans if all(hasattr(rans, n) for n in needed) else None
-
-
 def available_backends() -> list[str]:
-    out = ["torch"] if _rans() is not None else []
+    out = ["torch"]
     try:
         import constriction  # noqa: F401
 
@@ -61,35 +52,14 @@ def available_backends() -> list[str]:
 
 
 def _resolve(backend: str) -> str:
-    avail = available_backends()
+    """``"auto"`` is ``"torch"`` (always present); ``"constriction"`` needs that package."""
     if backend == "auto":
-        if not avail:
-            raise CodecError("no ANS backend: acip.quant.rans is missing and constriction is not installed; pip install constriction")
-        return avail[0]
+        return "torch"
     if backend not in ("torch", "constriction"):
         raise CodecError(f"unknown codec backend {backend!r}; expected 'auto', 'torch' or 'constriction'")
-    if backend not in avail:
-        fix = "pip install constriction" if backend == "constriction" else "use backend='constriction' (acip.quant.rans is not available in this install)"
-        raise CodecError(f"codec backend {backend!r} is not available; {fix}")
+    if backend not in available_backends():
+        raise CodecError(f"codec backend {backend!r} is not available; pip install constriction, or use backend='torch'")
     return backend
-
-
-def _quantize_freqs(hist: np.ndarray, bits: int) -> np.ndarray:
-    """``f_s >= 1`` for used symbols, ``sum f = 2**bits``, ``f ~ 2**bits * c_s / n`` (simple fallback)."""
-    c = hist.astype(np.float64)
-    m = 1 << bits
-    f = np.where(c > 0, np.maximum(1, np.round(c / c.sum() * m)), 0).astype(np.int64)
-    while f.sum() != m:
-        i = int(np.argmax(f))
-        f[i] += 1 if f.sum() < m else -1
-    return f.astype(np.uint32)
-
-
-def quantize_freqs(hist: np.ndarray) -> tuple[np.ndarray, int]:
-    r = _rans()
-    if r is not None:
-        return np.asarray(r.quantize_freqs(hist), dtype=np.uint32), int(r.PROB_BITS)
-    return _quantize_freqs(hist, PROB_BITS), PROB_BITS
 
 
 def pack_table(freqs: np.ndarray) -> np.ndarray:
@@ -157,14 +127,13 @@ def encode_codes(codes: torch.Tensor, chunk_bytes: int = 262144, backend: str = 
     sym = codes.detach().cpu().contiguous().reshape(-1).numpy()
     n = int(sym.size)
     hist = np.bincount(sym, minlength=256)
-    freqs, bits = quantize_freqs(hist)
+    freqs, bits = np.asarray(rans.quantize_freqs(hist), dtype=np.uint32), rans.PROB_BITS
     meta: dict[str, Any] = {"backend": be, "prob_bits": bits, "n_symbols": n}
     if n == 0 or int(freqs.max()) == 1 << bits:  # empty, or a single symbol: nothing to code
         payload = np.zeros(0, dtype=np.uint8)
     elif be == "torch":
-        r = _rans()
-        streams = max(1, math.ceil(n / min(int(chunk_bytes), int(getattr(r, "SYMBOLS_PER_STREAM", chunk_bytes)))))
-        payload, rmeta = r.rans_encode(sym, freqs, streams)
+        streams = max(1, math.ceil(n / min(int(chunk_bytes), rans.SYMBOLS_PER_STREAM)))
+        payload, rmeta = rans.rans_encode(sym, freqs, streams)
         meta["rans"] = rmeta
     else:
         import constriction
@@ -182,16 +151,14 @@ def encode_codes(codes: torch.Tensor, chunk_bytes: int = 262144, backend: str = 
     stream = torch.from_numpy(np.ascontiguousarray(payload).copy())
     table = torch.from_numpy(pack_table(freqs))
     shape = tuple(int(s) for s in codes.shape)
-    p = hist[hist > 0] / max(n, 1)
-    ent = float(-(p * np.log2(p)).sum()) if n else 0.0
-    return EncodedTensor(stream, table, meta, shape, _digest(stream, table, meta, shape), name, ent)
+    return EncodedTensor(stream, table, meta, shape, _digest(stream, table, meta, shape), name, entropy_bits(codes))
 
 
 def _check(enc: EncodedTensor) -> np.ndarray:
     if enc.digest() != enc.sha256:
         raise ChecksumError(
             f"tensor {enc.name!r}: sha256 of the stored stream does not match ({enc.stream.numel()} payload bytes): "
-            f"the checkpoint is corrupted or truncated; re-save it from the original model"
+            f"the checkpoint is corrupted or truncated; re-save it from the original model", tensor=enc.name
         )
     return unpack_table(enc.table.cpu().numpy())
 
@@ -226,14 +193,12 @@ def decode_many(encs: Sequence[EncodedTensor], device: str | torch.device = "cpu
             fill = int(np.argmax(freqs)) if n else 0
             out[i] = torch.full(enc.shape, fill, dtype=torch.uint8)
         elif enc.meta["backend"] == "torch":
-            if _rans() is None:
-                raise CodecError(f"tensor {enc.name!r} was coded with acip.quant.rans, which this install lacks; upgrade acip")
             batch.append((i, (enc.stream, enc.meta["rans"], freqs, n)))
         else:
             out[i] = torch.from_numpy(_decode_constriction(enc, freqs)).reshape(enc.shape)
     if batch:
         try:
-            dec = _rans().rans_decode_many([b for _, b in batch], device="cpu")
+            dec = rans.rans_decode_many([b for _, b in batch], device="cpu")
         except ValueError as e:
             names = [encs[i].name for i, _ in batch]
             raise CodecError(f"rANS decode failed for one of {names}: {e}") from None

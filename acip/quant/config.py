@@ -1,11 +1,12 @@
-"""``EntropyQuantConfig``: one validated dataclass per quantization method (peft/torchao style)."""
+"""Quantizer configs: one validated dataclass per method (``EntropyQuantConfig``, ``NF4Config``), torchao style."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
-__all__ = ["EntropyQuantConfig", "FORMATS", "FALLBACKS", "BACKENDS"]
+__all__ = ["EntropyQuantConfig", "NF4Config", "config_from_dict", "FORMATS", "FALLBACKS", "BACKENDS"]
 
 FORMATS = ("e4m3", "int8")
 FALLBACKS = ("absmax8", "raise", "keep")
@@ -44,18 +45,58 @@ def _choice(name: str, value: Any, choices: Sequence[str], hint: str) -> str:
     return value.lower()
 
 
-def _names(name: str, value: Any) -> tuple[str, ...] | None:
+TARGET_HELP = ("a string is a regular expression that must match the whole dotted module name "
+               "(e.g. r'.*\\.(q|v)_proj'), a list holds names or name suffixes (['q_proj', 'v_proj']), "
+               "'all-linear' (or None) selects every nn.Linear except the output embedding")
+
+
+def _targets(cls: str, name: str, value: Any) -> str | tuple[str, ...] | None:
+    """``target_modules`` / ``exclude_modules`` as ``acip.core.surgery.matches`` reads them:
+    a regex string (full match), or a tuple of names/suffixes; None = all (targets) / none (excludes)."""
     if value is None:
         return None
     if isinstance(value, str):
-        value = [value]
+        if value == "all-linear":
+            if name == "exclude_modules":
+                raise ValueError(f"{cls}.exclude_modules='all-linear' would exclude every layer; pass None, "
+                                 f"a regex or a list of names to exclude ({TARGET_HELP})")
+            return value
+        if not value:
+            raise ValueError(f"{cls}.{name}='' is an empty regular expression and matches no module; {TARGET_HELP}")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{cls}.{name}={value!r} is a string, so it is read as a regular expression, and "
+                             f"it does not compile ({e}); {TARGET_HELP}") from None
+        return value
     try:
         out = tuple(value)
     except TypeError:
-        raise TypeError(f"EntropyQuantConfig.{name} must be a list of module names, got {value!r}") from None
+        raise TypeError(f"{cls}.{name} must be a regex string or a list of module names, got {value!r}; "
+                        f"{TARGET_HELP}") from None
     if not all(isinstance(v, str) and v for v in out):
-        raise TypeError(f"EntropyQuantConfig.{name} must hold non-empty strings, got {value!r}")
+        raise TypeError(f"{cls}.{name} must hold non-empty strings, got {value!r}; {TARGET_HELP}")
     return out
+
+
+def config_from_dict(cls: type, spec: Mapping[str, Any]) -> Any:
+    """``cls(**spec)`` for a dataclass config, naming unknown fields (``_target_``/``name`` are dropped)."""
+    d = {str(k): v for k, v in spec.items()}
+    d.pop("_target_", None)
+    d.pop("name", None)
+    known = set(cls.__dataclass_fields__)
+    extra = sorted(set(d) - known)
+    if extra:
+        raise TypeError(f"{cls.__name__} got unknown fields {extra}; known fields: {sorted(known)}")
+    return cls(**d)
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    d = asdict(cfg)
+    for k in ("target_modules", "exclude_modules"):
+        if isinstance(d[k], tuple):
+            d[k] = list(d[k])
+    return d
 
 
 @dataclass
@@ -87,11 +128,15 @@ class EntropyQuantConfig:
             over the last ``patience`` checks (one check every ``check_every`` iterations).
         max_retries: NaN retries with half the learning rate before falling back.
         max_rel_error: relative L1 error above which a layer falls back (0 < x <= 1).
-        target_modules: module names (or name suffixes) to quantize; None = every nn.Linear
-            except the output embedding (``model.get_output_embeddings()``).
-        exclude_modules: names or suffixes never quantized.
-        backend: ANS codec: "auto" (our torch rANS if available, else constriction),
-            "torch" or "constriction".
+        target_modules: which ``nn.Linear`` layers to quantize, with the one meaning acip gives it
+            everywhere (``acip.core.surgery``): None or "all-linear" = every ``nn.Linear`` except
+            the output embedding (``model.get_output_embeddings()``); a **string** is a regular
+            expression that must match the whole dotted name (``r".*\\.q_proj"``); a **list**
+            holds names or name suffixes (``["q_proj", "v_proj"]``). A selected low-rank layer
+            (``LowRankLinear``) stands for its two factors ``.down`` and ``.up``.
+        exclude_modules: never quantized; a regex string or a list of names/suffixes, as above.
+        backend: ANS codec: "auto" (= "torch", our interleaved rANS), "torch" or
+            "constriction" (the reference coder; needs that package).
     """
 
     lam: float = 14.5
@@ -105,8 +150,8 @@ class EntropyQuantConfig:
     check_every: int = 5
     max_retries: int = 3
     max_rel_error: float = 0.75
-    target_modules: tuple[str, ...] | None = None
-    exclude_modules: tuple[str, ...] | None = field(default=None)
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -123,31 +168,36 @@ class EntropyQuantConfig:
         self.max_rel_error = _number("max_rel_error", self.max_rel_error, lo=0.0, lo_open=True, hint="use e.g. 0.75")
         if self.max_rel_error > 1.0:
             raise ValueError(f"EntropyQuantConfig.max_rel_error must be <= 1 (a relative L1 error), got {self.max_rel_error!r}")
-        self.target_modules = _names("target_modules", self.target_modules)
-        self.exclude_modules = _names("exclude_modules", self.exclude_modules)
+        self.target_modules = _targets("EntropyQuantConfig", "target_modules", self.target_modules)
+        self.exclude_modules = _targets("EntropyQuantConfig", "exclude_modules", self.exclude_modules)
         self.backend = _choice("backend", self.backend, BACKENDS, "Use 'auto' unless you are comparing codecs.")
 
-    @classmethod
-    def from_any(cls, spec: Any) -> "EntropyQuantConfig":
-        """Build from a config, a plain dict (``EntropyQuantConfig(**d)``) or ``"entropy"``."""
-        if isinstance(spec, cls):
-            return spec
-        if isinstance(spec, str) and spec.lower() in ("entropy", "entquant"):
-            return cls()
-        if hasattr(spec, "items"):
-            d = {str(k): v for k, v in spec.items()}
-            d.pop("_target_", None)
-            d.pop("name", None)
-            known = set(cls.__dataclass_fields__)
-            extra = sorted(set(d) - known)
-            if extra:
-                raise TypeError(f"EntropyQuantConfig got unknown fields {extra}; known fields: {sorted(known)}")
-            return cls(**d)
-        raise TypeError(f"cannot build an EntropyQuantConfig from {spec!r}; pass EntropyQuantConfig(...), a dict or 'entropy'")
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass
+class NF4Config:
+    """bitsandbytes 4-bit NormalFloat (NF4) with double quantization, per target ``nn.Linear``.
+
+    Blocks of ``B = 64`` consecutive weights share an absmax ``a_b``; each weight stores the 4-bit
+    index of the nearest of 16 NF4 levels ``c_q`` (quantiles of N(0, 1) scaled to [-1, 1]), so
+    ``W_i ~= c_q(i) * a_b(i)``. The absmax values are 8-bit quantized again in blocks of 256.
+    About 4.13 bits per parameter. Layers whose ``in_features`` is not a multiple of 64 stay
+    dense (bitsandbytes' CPU blocks need whole rows of blocks).
+
+    Fields:
+        target_modules: as in :class:`EntropyQuantConfig` (None/"all-linear", a regex string
+            that matches whole dotted names, or a list of names/suffixes).
+        exclude_modules: never quantized; a regex string or a list of names/suffixes.
+    """
+
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = _targets("NF4Config", "target_modules", self.target_modules)
+        self.exclude_modules = _targets("NF4Config", "exclude_modules", self.exclude_modules)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("target_modules", "exclude_modules"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
+        return _to_dict(self)

@@ -11,7 +11,6 @@ only the streams and decodes just before each forward through a small per-model 
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -20,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import ChecksumError, EncodedTensor, decode_many
+from ..core.io import ChecksumError, tensor_digest
+from ..core.layout import register_module_kind
+from .codec import EncodedTensor, decode_many
 from .optimize import QuantResult, dequantize
 
 __all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending", "decode_weights"]
@@ -146,9 +147,10 @@ class EntQuantLinear(nn.Module):
     def dequantize_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``value[codes] * scale_row`` after checking the scales against their sha256."""
         want = self.entry.get("scales_sha256")
-        if want is not None and _sha(self.scales) != want:
-            raise ChecksumError(f"tensor {self.name + '.scales'!r}: sha256 mismatch: the checkpoint is corrupted; "
-                                f"re-save it from the original model")
+        if want is not None and tensor_digest(self.scales) != want:
+            tensor = self.name + ".scales"
+            raise ChecksumError(f"tensor {tensor!r}: sha256 mismatch: the checkpoint is corrupted; "
+                                f"re-save it from the original model", tensor=tensor)
         return dequantize(codes.to(self.scales.device), self.scales, self.method, self.fmt)
 
     def stored_bytes(self) -> dict[str, int]:
@@ -194,14 +196,18 @@ class EntQuantLinear(nn.Module):
             self._weight = fn(self._weight) if self._weight.is_floating_point() else self._weight
         return self
 
+    def describe(self) -> str:
+        """One progress line: bits/param (every stored byte), code entropy, error, iterations."""
+        bits = 8.0 * sum(self.stored_bytes().values()) / max(1, self.in_features * self.out_features)
+        st = self.entry.get("stats", {})
+        note = f" FALLBACK {self.method}: {st['reason']}" if st.get("reason") else ""
+        return (f"{bits:.2f} bits, H={st.get('entropy', float('nan')):.2f}, err={st.get('rel_error', float('nan')):.4f}, "
+                f"it={st.get('iterations', 0)}{note}")
+
     def extra_repr(self) -> str:
         bits = 8.0 * sum(self.stored_bytes().values()) / max(1, self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
                 f"fmt={self.fmt}, bits={bits:.2f}, mode={self.mode}")
-
-
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) -> dict[str, Any]:
@@ -219,7 +225,7 @@ def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) ->
         "table_bytes": int(enc.table.numel()),
         "codec": enc.meta,
         "sha256": enc.sha256,
-        "scales_sha256": _sha(res.scales),
+        "scales_sha256": tensor_digest(res.scales),
         "stats": {
             "entropy": round(res.entropy, 6),
             "unique": res.unique,
@@ -240,3 +246,6 @@ def build_from_entry(entry: dict[str, Any], old: nn.Module) -> nn.Module:
     m = EntQuantLinear(entry, device=dev)
     _PENDING.add(m)
     return m
+
+
+register_module_kind(KIND, build_from_entry)

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit NF4 hand-off (``acip.quant.apply(model, "nf4")``), saveable and reloadable.
+"""bitsandbytes 4-bit NF4 hand-off (``quantize_(model, NF4Config())`` or ``"nf4"``), saveable and reloadable.
 
 Each target ``nn.Linear`` (``W`` of shape ``out x in``) is quantized by bitsandbytes' NF4 with
 double quantization: blocks of ``B = 64`` consecutive weights share an absmax ``a_b``, each weight
@@ -10,9 +10,9 @@ The layer becomes :class:`NF4Linear`, which keeps every tensor of that state as 
 buffer (``qweight`` packed uint8, ``absmax``, ``quant_map``, ``nested_absmax``,
 ``nested_quant_map``, ``quant_state`` = bitsandbytes' packed metadata blob); float tensors are
 stored bit for bit as int32, so ``from_pretrained(dtype=torch.bfloat16)`` cannot round them.
-Their shapes, dtypes and a sha256 over all of them go to the model config's ``acip_layout``
-(kind ``"nf4"``), so ``save_pretrained`` + ``acip.load`` rebuild the layer, refuse corrupted
-bytes with a :class:`~acip.quant.codec.ChecksumError` naming the layer, and give logits
+Their shapes, dtypes and the sha256 of each (``acip.core.io.tensor_digest``) go to the model
+config's ``acip_layout`` (kind ``"nf4"``), so ``save_pretrained`` + ``acip.load`` rebuild the
+layer, refuse corrupted bytes with a :class:`~acip.core.io.ChecksumError` naming the tensor, and give logits
 identical to the saved model's (same bytes, same bitsandbytes kernel). The forward pass runs a
 ``bnb.nn.Linear4bit`` built from those buffers on first use (not part of the state dict).
 
@@ -21,15 +21,17 @@ the same "every stored byte" rule as ours.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
-from .codec import ChecksumError
+from ..core.io import ChecksumError, tensor_digest
+from ..core.layout import register_module_kind
+from .config import NF4Config
+from .registry import register_quantizer
 
-__all__ = ["quantize_nf4_", "nf4_stored_bytes", "is_nf4", "NF4Linear", "KIND_NF4", "build_nf4_from_entry"]
+__all__ = ["nf4_stored_bytes", "is_nf4", "NF4Linear", "KIND_NF4", "build_nf4_from_entry"]
 
 KIND_NF4 = "nf4"
 _BLOB = "quant_state"  # buffer name of bitsandbytes' packed non-tensor state
@@ -63,15 +65,6 @@ def _as_stored(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         raise ValueError(f"bitsandbytes state tensor of dtype {t.dtype} is not supported (expected float32)")
     return t
-
-
-def _digest(buffers: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(buffers):
-        t = buffers[name].detach().cpu().contiguous()
-        h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class NF4Linear(nn.Module):
@@ -116,7 +109,7 @@ class NF4Linear(nn.Module):
             "bias": q.bias is not None, "blob_key": blob[0],
             "tensors": {k: {"shape": list(v.shape), "stored_dtype": str(v.dtype).replace("torch.", ""),
                             "dtype": str(tensors[k].dtype).replace("torch.", "")} for k, v in stored.items()},
-            "sha256": _digest(stored),
+            "digests": {k: tensor_digest(v) for k, v in stored.items()},
         }
         m = cls(entry, device=w.device)
         for k, v in stored.items():
@@ -147,9 +140,11 @@ class NF4Linear(nn.Module):
         st = self.stored_tensors()
         if any(t.device.type == "meta" for t in st.values()):
             raise RuntimeError(f"{self.name}: the NF4 weights were never loaded (still on the meta device)")
-        if _digest(st) != self.entry["sha256"]:
-            raise ChecksumError(f"tensor {self.name!r}: sha256 of the stored NF4 weight and quant state does not match: "
-                                f"the checkpoint is corrupted or truncated; re-save it from the original model")
+        for k, want in self.entry["digests"].items():
+            if tensor_digest(st[k]) != want:
+                tensor = f"{self.name}.{k}"
+                raise ChecksumError(f"tensor {tensor!r}: sha256 of the stored NF4 state does not match: the checkpoint "
+                                    f"is corrupted or truncated; re-save it from the original model", tensor=tensor)
         dev = st["qweight"].device
         spec = self.entry["tensors"]
         stats: dict[str, torch.Tensor] = {}
@@ -179,9 +174,12 @@ class NF4Linear(nn.Module):
         object.__setattr__(self, "_inner", None)
         return self
 
+    def describe(self) -> str:
+        """One progress line: bits/param, every stored byte counted."""
+        return f"nf4, {8.0 * sum(self.stored_bytes().values()) / max(1, self.in_features * self.out_features):.2f} bits"
+
     def extra_repr(self) -> str:
-        bits = 8.0 * sum(self.stored_bytes().values()) / max(1, self.in_features * self.out_features)
-        return f"in_features={self.in_features}, out_features={self.out_features}, method=nf4, bits={bits:.2f}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.describe()}"
 
 
 def _no_bf16_repack(q: nn.Module) -> None:
@@ -193,13 +191,17 @@ def _no_bf16_repack(q: nn.Module) -> None:
 
 
 def _check_entry(entry: dict[str, Any]) -> None:
-    need = ("in_features", "out_features", "bias", "tensors", "sha256", "blob_key")
+    need = ("in_features", "out_features", "bias", "tensors", "digests", "blob_key")
     missing = [k for k in need if k not in entry]
+    if missing == ["digests"] and "sha256" in entry:
+        raise ValueError(f"nf4 layout entry {entry.get('name', '?')!r} carries one combined sha256 (an acip before the "
+                         f"per-tensor digests): re-quantize the dense model with quantize_(model, 'nf4') and save it")
     if missing:
         raise ValueError(f"nf4 layout entry {entry.get('name', '?')!r} lacks {missing}: the config is corrupted "
                          f"or was written by another acip version; re-export the model")
-    if "qweight" not in entry["tensors"] or _BLOB not in entry["tensors"]:
-        raise ValueError(f"nf4 layout entry {entry.get('name', '?')!r} lists no qweight/quant_state tensors")
+    if "qweight" not in entry["tensors"] or _BLOB not in entry["tensors"] or set(entry["digests"]) != set(entry["tensors"]):
+        raise ValueError(f"nf4 layout entry {entry.get('name', '?')!r} lists no qweight/quant_state tensors, or "
+                         f"digests for other tensors than it stores: the config is corrupted; re-export the model")
 
 
 def build_nf4_from_entry(entry: dict[str, Any], old: nn.Module) -> nn.Module:
@@ -228,48 +230,32 @@ def nf4_stored_bytes(module: nn.Module) -> int:
     return total
 
 
-@torch.no_grad()
-def quantize_nf4_(model: nn.Module, target_modules: Any = None) -> nn.Module:
-    """Replace every target ``nn.Linear`` (default: all but the output embedding) by :class:`NF4Linear`.
-
-    Layers whose ``in_features`` is not a multiple of 64 stay dense (bitsandbytes' CPU blocks).
-    ``model.config.acip_layout`` records each replaced layer (kind ``"nf4"``), so the model
-    round-trips through ``save_pretrained`` and ``acip.load``.
-    """
-    from ..core.lowrank import LAYOUT_KEY
-    from .api import target_linears
-    from .config import EntropyQuantConfig
-
+@register_quantizer(NF4Config, "nf4")
+def _nf4_linear(lin: nn.Linear, cfg: NF4Config, name: str) -> NF4Linear | None:
+    """One ``nn.Linear`` -> :class:`NF4Linear` (bitsandbytes NF4, double quant); None (stays dense)
+    when ``in_features`` is not a multiple of 64 (bitsandbytes' CPU blocks need whole rows)."""
     bnb = _bnb()
-    cfg = EntropyQuantConfig(target_modules=target_modules)
-    config = getattr(model, "config", None)
-    layout = dict(getattr(config, LAYOUT_KEY, None) or {}) if config is not None else None
-    for name, lin in target_linears(model, cfg).items():
-        if lin.in_features % 64:
-            continue  # bitsandbytes' blocks of 64 need whole rows of blocks on CPU
-        dev = lin.weight.device
-        if dev.type != "cpu" and dev.type != "cuda":
-            raise RuntimeError(f"{name}: bitsandbytes NF4 runs on cpu/cuda, the layer is on {dev}")
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True, device="cpu")
-        q.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu().clone(), requires_grad=False,
-                                     quant_type="nf4", compress_statistics=True)
-        if lin.bias is not None:
-            q.bias = nn.Parameter(lin.bias.data.float().cpu().clone(), requires_grad=False)
-        try:
-            q = q.to(dev)
-            _no_bf16_repack(q)
-        except Exception as e:  # noqa: BLE001 - bitsandbytes raises many types
-            raise RuntimeError(
-                f"{name}: bitsandbytes could not quantize to NF4 on {dev} ({type(e).__name__}: {e}). "
-                f"Its CPU backend needs bitsandbytes >= 0.45; use quantize='entropy' instead."
-            ) from None
-        new = NF4Linear.from_linear4bit(q, name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        if layout is not None:
-            layout[name] = new.entry
-    if layout is not None:
-        setattr(config, LAYOUT_KEY, layout)
-    return model
+    if lin.in_features % 64:
+        return None
+    dev = lin.weight.device
+    if dev.type != "cpu" and dev.type != "cuda":
+        raise RuntimeError(f"{name}: bitsandbytes NF4 runs on cpu/cuda, the layer is on {dev}; move the model "
+                           f"to one of them first")
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True, device="cpu")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu().clone(), requires_grad=False,
+                                 quant_type="nf4", compress_statistics=True)
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data.float().cpu().clone(), requires_grad=False)
+    try:
+        q = q.to(dev)
+        _no_bf16_repack(q)
+    except Exception as e:  # noqa: BLE001 - bitsandbytes raises many types
+        raise RuntimeError(
+            f"{name}: bitsandbytes could not quantize to NF4 on {dev} ({type(e).__name__}: {e}). "
+            f"Its CPU backend needs bitsandbytes >= 0.45; use quantize='entropy' instead."
+        ) from None
+    return NF4Linear.from_linear4bit(q, name)
+
+
+register_module_kind(KIND_NF4, build_nf4_from_entry)

@@ -169,6 +169,9 @@ def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weigh
     W = W.detach().float().contiguous()
     if W.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D weight (out x in), got shape {tuple(W.shape)}")
+    if W.numel() == 0:
+        raise ValueError(f"{name}: the weight {tuple(W.shape)} is empty (a factor of a rank-0 layer) and holds "
+                         f"nothing to quantize; quantize_ skips such layers, call quantize_weight only on the others")
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"{name}: the weight holds NaN or inf values; fix the model before quantizing it")
     fmt = get_format(cfg.fmt)

@@ -61,16 +61,8 @@ FORMAT: str = "acip-rans32x16"
 
 __all__ = [
     "PROB_BITS", "quantize_freqs", "rans_encode", "rans_encode_many", "rans_decode",
-    "rans_decode_many", "entropy_bits",
+    "rans_decode_many",
 ]
-
-
-def entropy_bits(hist: np.ndarray) -> float:
-    """Empirical entropy ``sum(-c log2(c/n))`` in bits of a histogram (total, not per symbol)."""
-    c = np.asarray(hist, dtype=np.float64)
-    c = c[c > 0]
-    n = c.sum()
-    return float(-(c * np.log2(c / n)).sum()) if n > 0 else 0.0
 
 
 def quantize_freqs(hist: np.ndarray) -> np.ndarray:

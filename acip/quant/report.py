@@ -2,15 +2,18 @@
 
 bits/param of a layer = 8 * (payload + frequency table + sha256 + scales) / (out * in).
 Bias and every non-quantized tensor (embeddings, norms) are reported separately, in fp32 bytes as
-saved, so ``model_bytes`` is the size of the tensors in the safetensors file.
+saved, so ``model_bytes`` is the size of the tensors in the safetensors file. ``empty`` lists the
+linears whose weight has no elements (factors of rank-0 layers): valid, with nothing to quantize,
+so ``quantize_`` leaves them as they are.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
+from ..core.surgery import output_embedding
 from .module import EntQuantLinear
 from .nf4 import NF4Linear, is_nf4, nf4_stored_bytes
 
@@ -43,6 +46,7 @@ class QuantReport:
     rows: list[LayerRow]
     other_bytes: int  # bytes of all non-quantized tensors (embeddings, norms, biases elsewhere)
     other_params: int
+    empty: list[str] = field(default_factory=list)  # linears with an empty weight (rank 0), left as is
 
     @property
     def total(self) -> dict[str, Any]:
@@ -70,7 +74,8 @@ class QuantReport:
         return [r.name for r in self.rows if r.method == "absmax8"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": [asdict(r) for r in self.rows], "total": self.total, "fallbacks": self.fallbacks}
+        return {"rows": [asdict(r) for r in self.rows], "total": self.total, "fallbacks": self.fallbacks,
+                "empty": list(self.empty)}
 
     def __str__(self) -> str:
         head = f"{'layer':<44} {'method':<8} {'params':>9} {'bits':>6} {'H':>6} {'uniq':>5} {'rel.err':>8} {'file B':>9}"
@@ -86,6 +91,8 @@ class QuantReport:
                      f"other tensors {t['other_bytes']} ({t['other_params']} params); whole model {t['model_bytes']}")
         if self.fallbacks:
             lines.append("fallback to absmax8: " + ", ".join(f"{r.name} ({r.reason})" for r in self.rows if r.method == "absmax8"))
+        if self.empty:
+            lines.append(f"skipped, empty weight (rank 0, nothing to quantize): {', '.join(self.empty)}")
         return "\n".join(lines)
 
 
@@ -105,8 +112,11 @@ def _nf4_row(name: str, m: nn.Module) -> LayerRow:
 
 def report(model: nn.Module) -> QuantReport:
     """Per-layer and total storage of a quantized model, measured from its tensors."""
-    rows, seen = [], set()
+    rows, seen, empty = [], set(), []
+    head = output_embedding(model)
     for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m is not head and m.weight.numel() == 0:
+            empty.append(name)
         if is_nf4(m):
             rows.append(_nf4_row(name, m))
             seen.update(t.data_ptr() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
@@ -135,4 +145,4 @@ def report(model: nn.Module) -> QuantReport:
         ptrs.add(t.data_ptr())
         other_bytes += _tensor_bytes(t)
         other_params += t.numel() if t.is_floating_point() else 0
-    return QuantReport(rows, other_bytes, other_params)
+    return QuantReport(rows, other_bytes, other_params, empty)

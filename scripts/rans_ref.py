@@ -1,13 +1,25 @@
 """Reference codec for ``acip.quant.rans``: constriction's ``AnsCoder`` with a ``Categorical``
-model of the histogram. Used by tests and scripts/bench_rans.py as the correctness oracle and
-the speed/size baseline (it holds the GIL and has no GPU path).
+model of the histogram, and the ideal code length of a histogram. Used by tests/test_rans.py and
+scripts/bench_rans.py as the correctness oracle and the speed/size baseline (constriction holds
+the GIL and has no GPU path). Not part of the library.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["constriction_encode", "constriction_decode"]
+__all__ = ["constriction_encode", "constriction_decode", "ideal_bits"]
+
+
+def ideal_bits(hist: np.ndarray) -> float:
+    """Ideal code length of a histogram in bits, in total: ``sum_s -c_s log2(c_s / n)``.
+
+    (Per symbol that is the empirical entropy, ``acip.quant.formats.entropy_bits``.)
+    """
+    c = np.asarray(hist, dtype=np.float64)
+    c = c[c > 0]
+    n = c.sum()
+    return float(-(c * np.log2(c / n)).sum()) if n > 0 else 0.0
 
 
 def _model(hist: np.ndarray):  # noqa: ANN202 - constriction type
