@@ -140,6 +140,8 @@ def test_a_model_without_linear_layers_is_an_error() -> None:
     with pytest.raises(NoTargetLayersError, match=r"no linear layers in Sequential.*present: none.*quantize_ replaces "
                                                   r"nn.Linear layers"):
         quant.quantize_(model, "entropy")
+    with pytest.raises(NoTargetLayersError, match=r"present: \['lm_head'\].*not GPT-2's Conv1D"):
+        quant.quantize_(tiny_model("gpt2"), "nf4")  # its blocks hold Conv1D, the head is never quantized
     done = quant.quantize_(tiny_model("llama"), EntropyQuantConfig(lam=14.5, target_modules=["up_proj"]))
     with pytest.raises(NoTargetLayersError, match="already quantized"):  # nothing left to quantize
         quant.quantize_(done, EntropyQuantConfig(lam=14.5, exclude_modules=r".*\.(q|k|v|o|gate|down)_proj"))
@@ -224,3 +226,14 @@ def test_corrupted_layer_tensor_raises_checksum_error_naming_it(part: str) -> No
         broken.decode()
     assert err.value.tensor == (name if part == "codes_stream" else f"{name}.scales")
     assert torch.equal(m.decode(), m.weight)  # the intact layer still decodes to its weight
+
+
+def test_a_handler_that_fails_midway_leaves_a_saveable_model(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = 1e6  # beyond e4m3's dynamic range
+    with pytest.raises(quant.OutlierError, match="model.layers.1.mlp.up_proj"):
+        quant.quantize_(model, EntropyQuantConfig(lam=14.5, fallback="raise", target_modules=["up_proj"]))
+    assert list(model.config.acip_layout) == ["model.layers.0.mlp.up_proj"] == list(quant.quantized_layers(model))
+    model.save_pretrained(tmp_path / "half")
+    assert torch.equal(_logits(acip.load(tmp_path / "half")), _logits(model))

@@ -119,7 +119,8 @@ def target_linears(model: nn.Module, target_modules: Any = "all-linear",
     """
     pattern = target_modules if isinstance(target_modules, str) or target_modules is None else list(target_modules)
     hint = (f"quantize_ replaces nn.Linear layers (never the output embedding, never a layer that is already "
-            f"quantized). Pass a model that has some, or set target_modules to names that exist: {TARGET_HELP}.")
+            f"quantized, not GPT-2's Conv1D). Pass a model that has some, or set target_modules to names that "
+            f"exist: {TARGET_HELP}.")
     names = find_targets(model, pattern, exclude_modules,
                          accept=lambda m: isinstance(m, (nn.Linear, LowRankLinear)),
                          what="linear layers", hint=hint)
@@ -173,23 +174,25 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
     hf_config = getattr(model, "config", None)
     layout = dict(getattr(hf_config, LAYOUT_KEY, None) or {}) if hf_config is not None else None
     say = progress or (lambda _line: None)
-    for name, lin in targets.items():
-        if lin.weight.numel() == 0:
-            say(f"{name}: skipped, weight {tuple(lin.weight.shape)} is empty (a factor of a rank-0 layer): "
-                f"nothing to quantize")
-            continue
-        t0 = time.perf_counter()
-        new = handler(lin, cfg, name)
-        if new is None:
-            say(f"{name}: kept dense")
-            continue
-        replace_module(model, name, new)
-        entry = getattr(new, "entry", None)
-        if layout is not None and isinstance(entry, dict) and "kind" in entry:
-            layout[name] = entry
-        say(f"{name}: {_summary(new)}, {time.perf_counter() - t0:.1f}s")
-    if layout is not None:
-        setattr(hf_config, LAYOUT_KEY, layout)
-        if callable(getattr(cfg, "to_dict", None)):
-            hf_config.acip_quant = cfg.to_dict()
+    try:
+        for name, lin in targets.items():
+            if lin.weight.numel() == 0:
+                say(f"{name}: skipped, weight {tuple(lin.weight.shape)} is empty (a factor of a rank-0 layer): "
+                    f"nothing to quantize")
+                continue
+            t0 = time.perf_counter()
+            new = handler(lin, cfg, name)
+            if new is None:
+                say(f"{name}: kept dense")
+                continue
+            replace_module(model, name, new)
+            entry = getattr(new, "entry", None)
+            if layout is not None and isinstance(entry, dict) and "kind" in entry:
+                layout[name] = entry
+            say(f"{name}: {_summary(new)}, {time.perf_counter() - t0:.1f}s")
+    finally:  # a handler that raises midway leaves the layers it replaced described, so the model still saves
+        if layout is not None:
+            setattr(hf_config, LAYOUT_KEY, layout)
+            if callable(getattr(cfg, "to_dict", None)):
+                hf_config.acip_quant = cfg.to_dict()
     return model
