@@ -68,6 +68,9 @@ def load(path: str | os.PathLike, ratio: float | None = None, *, verify: bool = 
         )
     if verify:
         verify_manifest(p, required=True)
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ArtifactError(f"{str(p)!r} holds no weight files (model.safetensors): the export is incomplete; "
+                            f"export it again")
     import transformers
 
     arch = (getattr(config, "architectures", None) or [None])[0]
