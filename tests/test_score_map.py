@@ -122,7 +122,7 @@ def test_save_load_roundtrip_and_atomic(tmp_path, tiny_llama):
     again = ScoreMap.load(path.parent)
     assert again.names == sm.names and again.stop_ratio == 0.4 and again.method == "acip"
     assert all(torch.equal(again.scores[n], sm.scores[n]) for n in sm.names)
-    assert again.meta["parametrize"]["layers"] == sm.names
+    assert again.config == pm.acip_config and list(again.config.layers) == sm.names
     before = path.read_bytes()
 
     class Boom(Exception):
@@ -132,7 +132,7 @@ def test_save_load_roundtrip_and_atomic(tmp_path, tiny_llama):
         open(tmp, "wb").write(b"partial")
         raise Boom
 
-    from acip.core.score_map import atomic_write
+    from acip.core.io import atomic_write
     with pytest.raises(Boom):
         atomic_write(path, fail)
     assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["score_map.safetensors"]
@@ -145,10 +145,10 @@ def test_load_errors(tmp_path):
         ScoreMap.load(tmp_path / "missing.safetensors")
     data = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ScoreMapError, match="truncated or corrupted"):
+    with pytest.raises(ScoreMapError, match="truncated"):
         ScoreMap.load(tmp_path / "trunc.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ScoreMapError, match="truncated or corrupted"):
+    with pytest.raises(ScoreMapError, match="truncated"):
         ScoreMap.load(tmp_path / "junk.safetensors")
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))

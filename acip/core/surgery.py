@@ -77,8 +77,8 @@ def find_targets(
             continue
         if not accept(mod):
             raise TypeError(
-                f"target module {name!r} is a {type(mod).__name__}, not one of the {what} this step handles. "
-                f"Narrow target_modules or add it to exclude_modules."
+                f"target module {name!r} is a {type(mod).__name__}, not nn.Linear: it is not one of the {what} "
+                f"this step handles. Narrow target_modules or add it to exclude_modules."
             )
         names.append(name)
     if not names:
