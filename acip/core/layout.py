@@ -16,7 +16,8 @@ An exported model is an ordinary ``transformers`` model whose config carries ``a
 Why a patch and not transformers' registration hooks: ``AutoConfig.register`` /
 ``AutoModel*.register`` need a custom architecture name (the export would no longer be a plain
 ``LlamaForCausalLM``), and a registered ``HfQuantizer`` could carry the layout but marks the
-model as quantized (``is_quantized``, no ``.to(dtype)``, trainer refusals). See docs/API.md.
+model as quantized (``is_quantized``: ``.half()``/``.float()`` raise, the Trainer refuses it).
+See docs/API.md.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Score maps: the global pruning order that one ACIP run learns.
 
 A score map holds one float32 score per singular direction of every parametrized layer. Higher
-means "keep longer". During a run, after every optimiser step (DESIGN.md)::
+means "keep longer". During a run, after every optimiser step::
 
     mask > 0                      -> score = mask value
     mask just reached <= 0        -> score = 0
@@ -150,7 +150,7 @@ class ScoreMap:
     # ------------------------------------------------------------------ the update rule
     @torch.no_grad()
     def update(self, masks: dict[str, torch.Tensor]) -> None:
-        """Apply DESIGN.md's rule after one optimiser step (see module docstring).
+        """Apply the update rule after one optimiser step (see module docstring).
 
         An entry "just reached <= 0" when its score is still positive (it was active at the last
         update); entries already pruned keep counting down.
