@@ -1,6 +1,7 @@
 """``acip.quant.report(model)``: bits per parameter counting every stored byte, per layer and total.
 
-bits/param of a layer = 8 * (payload + frequency table + sha256 + scales) / (out * in).
+bits/param of a layer = 8 * (payload + frequency table + sha256 + scales + raw planes) / (out * in);
+raw planes are the lossless mode's stored sign/mantissa bytes (0 for the other quantizers).
 Bias and every non-quantized tensor (embeddings, norms) are reported separately, in fp32 bytes as
 saved, so ``model_bytes`` is the size of the tensors in the safetensors file. ``empty`` lists the
 linears whose weight has no elements (factors of rank-0 layers): valid, with nothing to quantize,
@@ -14,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..core.surgery import output_embedding
+from .lossless import LosslessLinear
 from .module import EntQuantLinear
 from .nf4 import NF4Linear, is_nf4, nf4_stored_bytes
 
@@ -23,22 +25,23 @@ __all__ = ["QuantReport", "LayerRow", "report"]
 @dataclass(frozen=True)
 class LayerRow:
     name: str
-    method: str  # "entquant" or "absmax8" (a fallback)
+    method: str  # "entquant", "absmax8" (a fallback), "nf4" or "lossless"
     fmt: str
     params: int  # weight parameters (out * in)
     stream_bytes: int
     table_bytes: int  # packed frequency table + 32-byte sha256
     scale_bytes: int
     file_bytes: int  # every tensor of the layer as written (incl. bias)
-    bits: float  # 8 * (stream + table + scale bytes) / params
-    entropy: float  # empirical entropy of the codes, bits per code
+    bits: float  # 8 * (stream + table + scale + raw bytes) / params
+    entropy: float  # empirical entropy of the codes, bits per code (lossless: H(exponent) + raw bits per weight)
     unique: int  # distinct codes
     rel_error: float  # ||W - What||_1 / ||W||_1 at quantization time (nan if unknown)
     reason: str | None  # why the layer fell back, if it did
+    raw_bytes: int = 0  # lossless mode: sign/mantissa planes stored uncoded
 
     @property
     def coded_bytes(self) -> int:
-        return self.stream_bytes + self.table_bytes + self.scale_bytes
+        return self.stream_bytes + self.table_bytes + self.scale_bytes + self.raw_bytes
 
 
 @dataclass
@@ -60,6 +63,7 @@ class QuantReport:
             "stream_bytes": sum(r.stream_bytes for r in self.rows),
             "table_bytes": sum(r.table_bytes for r in self.rows),
             "scale_bytes": sum(r.scale_bytes for r in self.rows),
+            "raw_bytes": sum(r.raw_bytes for r in self.rows),
             "file_bytes": sum(r.file_bytes for r in self.rows),
             "bits": 8.0 * coded / max(params, 1),
             "entropy": wsum("entropy"),
@@ -87,7 +91,8 @@ class QuantReport:
         lines.append("-" * len(head))
         lines.append(f"{'total (quantized layers)':<44} {'':<8} {t['params']:>9} {t['bits']:>6.3f} {t['entropy']:>6.3f} "
                      f"{'':>5} {t['rel_error']:>8.4f} {t['file_bytes']:>9}")
-        lines.append(f"bytes: streams {t['stream_bytes']}, tables {t['table_bytes']}, scales {t['scale_bytes']}; "
+        raw = f", raw planes {t['raw_bytes']}" if t["raw_bytes"] else ""
+        lines.append(f"bytes: streams {t['stream_bytes']}, tables {t['table_bytes']}, scales {t['scale_bytes']}{raw}; "
                      f"other tensors {t['other_bytes']} ({t['other_params']} params); whole model {t['model_bytes']}")
         if self.fallbacks:
             lines.append("fallback to absmax8: " + ", ".join(f"{r.name} ({r.reason})" for r in self.rows if r.method == "absmax8"))
@@ -110,6 +115,15 @@ def _nf4_row(name: str, m: nn.Module) -> LayerRow:
                     8.0 * stored / params, nan, 16, nan, None)
 
 
+def _lossless_row(name: str, m: LosslessLinear) -> LayerRow:
+    b, st = m.stored_bytes(), m.entry.get("stats", {})
+    params = m.in_features * m.out_features
+    file_bytes = sum(_tensor_bytes(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)))
+    return LayerRow(name, "lossless", m.entry["dtype"], params, b["stream"], b["tables"], 0, file_bytes,
+                    8.0 * sum(b.values()) / max(params, 1), float(st.get("exp_entropy", float("nan"))) + st.get("raw_bits", 0),
+                    int(st.get("unique", -1)), 0.0, None, raw_bytes=b["raw"])
+
+
 def report(model: nn.Module) -> QuantReport:
     """Per-layer and total storage of a quantized model, measured from its tensors."""
     rows, seen, empty = [], set(), []
@@ -119,6 +133,10 @@ def report(model: nn.Module) -> QuantReport:
             empty.append(name)
         if is_nf4(m):
             rows.append(_nf4_row(name, m))
+            seen.update(t.data_ptr() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+            continue
+        if isinstance(m, LosslessLinear):
+            rows.append(_lossless_row(name, m))
             seen.update(t.data_ptr() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
             continue
         if not isinstance(m, EntQuantLinear):
