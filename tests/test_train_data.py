@@ -46,3 +46,32 @@ def test_text_files_split_paragraphs_and_hold_out_the_tail(tmp_path):
     assert train[0] == "paragraph 0" and held == ["paragraph 18", "paragraph 19"]
     with pytest.raises(FileNotFoundError, match="no file at"):
         text_files([str(tmp_path / "missing.txt")])
+
+
+def test_a_binary_data_file_is_named_without_printing_its_bytes(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(bytes(range(256)) * 256)  # 64 KB, not UTF-8
+    with pytest.raises(ValueError) as e:
+        text_files([str(f)])
+    msg = str(e.value)
+    assert str(f) in msg and "not UTF-8 text" in msg and len(msg) < 500 and e.value.__cause__ is None
+    nul = tmp_path / "zeros.txt"  # valid UTF-8, but binary
+    nul.write_bytes(b"abc\x00\x00\x00" * 1000)
+    with pytest.raises(ValueError, match=r"zeros.txt.*not UTF-8 text \(byte 0x00 at offset 3"):
+        text_files([str(nul)])
+
+
+def test_bad_jsonl_names_the_file_the_line_and_the_missing_key(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text('{"text": "one"}\n\n{"text": "two"\n')
+    with pytest.raises(ValueError, match=r"data.jsonl' line 3 is not valid JSON"):
+        text_files([str(f)])
+    f.write_text('{"text": "one"}\n{"body": "two", "id": 2}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl' line 2 has no \"text\" key \(keys \['body', 'id'\]\)"):
+        text_files([str(f)])
+    f.write_text('{"text": "one"}\n["two"]\n')
+    with pytest.raises(ValueError, match=r"line 2 has no \"text\" key \(a JSON list\)"):
+        text_files([str(f)])
+    f.write_text("\n".join(f'{{"text": "verse {i}"}}' for i in range(10)))
+    train, held = text_files([str(f)])
+    assert train[0] == "verse 0" and held == ["verse 9"]

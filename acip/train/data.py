@@ -47,13 +47,54 @@ def kjv_texts(max_train_texts: int | None = None, max_heldout_texts: int | None 
     return list(train)[:max_train_texts], list(heldout)[:max_heldout_texts]
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is an error naming it (never its bytes)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        bad = raw.find(b"\x00")  # valid UTF-8, but a binary file
+        if bad < 0:
+            return text
+        start = bad
+    except UnicodeDecodeError as e:
+        start = e.start
+    raise ValueError(
+        f"data.paths: {str(path)!r} is not UTF-8 text (byte 0x{raw[start]:02x} at offset {start} of "
+        f"{len(raw)}); data=text_files reads .txt (paragraphs split by blank lines) or .jsonl (one JSON "
+        f"object with a \"text\" string per line). Convert the file, or leave it out."
+    ) from None
+
+
+def _jsonl_texts(path: Path, raw: str) -> list[str]:
+    """Field ``text`` of every non-empty line; a bad line is an error naming the file and line."""
+    import json
+
+    out = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"data.paths: {str(path)!r} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON ({e.msg} at column {e.colno}); each line of a .jsonl "
+                             f"file must be one JSON object such as {{\"text\": \"...\"}}") from None
+        if not isinstance(obj, dict) or "text" not in obj:
+            got = f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+            raise ValueError(f"{where} has no \"text\" key ({got}); each line must be an object with a \"text\" "
+                             f"string. Rename the field, or use data=hf_dataset data.text_field=<key>")
+        if not isinstance(obj["text"], str):
+            raise ValueError(f"{where}: \"text\" is a {type(obj['text']).__name__}, not a string")
+        out.append(obj["text"])
+    return out
+
+
 def text_files(paths: Sequence[str], heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
     """Plain ``.txt`` (one paragraph per blank-line block) or ``.jsonl`` (field ``text``) files.
 
-    The last ``heldout_fraction`` of the paragraphs (in file order) is held out.
+    The last ``heldout_fraction`` of the paragraphs (in file order) is held out. Files must be
+    UTF-8; a bad file or ``.jsonl`` line is an error that names the file (and line).
     """
-    import json
-
     if isinstance(paths, str):
         paths = [paths]
     if not paths:
@@ -63,11 +104,13 @@ def text_files(paths: Sequence[str], heldout_fraction: float = 0.1) -> tuple[lis
         path = Path(p).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"data.paths: no file at {str(path)!r} (relative paths are taken from the current directory)")
-        raw = path.read_text(encoding="utf-8")
+        raw = _read_text(path)
         if path.suffix == ".jsonl":
-            texts += [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+            texts += _jsonl_texts(path, raw)
         else:
             texts += [b.strip() for b in raw.split("\n\n") if b.strip()]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"data.paths {list(map(str, paths))} hold no text; pass files with training text")
     return _split(texts, heldout_fraction)
 
 
@@ -81,6 +124,9 @@ def hf_dataset(
     except ImportError as e:
         raise ImportError("data=hf_dataset needs `pip install datasets`; or use data=text_files") from e
     ds = datasets.load_dataset(path, name, split=split)
+    if text_field not in ds.column_names:
+        raise ValueError(f"data.text_field={text_field!r} is not a column of {path!r} (columns: {ds.column_names}); "
+                         f"pass data.text_field=<column>")
     texts = ds[text_field][: max_texts or len(ds)]
     return _split(list(texts), heldout_fraction)
 
