@@ -35,6 +35,7 @@ sha256, as for the entropy quantizer) + raw planes, i.e. exactly what the files 
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -149,20 +150,21 @@ def join_float(exp: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype, name: s
     n, r_bits = exp.numel(), 1 + m_bits
     if raw.numel() != _raw_bytes(n, r_bits):
         raise ValueError(f"{name}: raw planes hold {raw.numel()} bytes, {n} {dtype} weights need {_raw_bytes(n, r_bits)}")
-    dev = raw.device
-    rest = torch.zeros(n, dtype=torch.int64, device=dev)
-    for j in range(r_bits // 8):
-        rest |= raw[j * n:(j + 1) * n].to(torch.int64) << (8 * j)
-    off, nb = (r_bits // 8) * n, (n + 7) // 8
-    if r_bits % 8:
-        shifts = torch.arange(8, dtype=torch.int64, device=dev)
+    e = exp.reshape(-1).to(device=raw.device, dtype=torch.uint8)
+    rest = [raw[j * n:(j + 1) * n] for j in range(r_bits // 8)]  # bytes of sign | mantissa, low first
+    if r_bits % 8:  # float16: the 3 high bits (mantissa 8, 9 and the sign) come from packed bit planes
+        off, nb = (r_bits // 8) * n, (n + 7) // 8
+        shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
+        top = torch.zeros(n, dtype=torch.uint8, device=raw.device)
         for k in range(r_bits % 8):
-            bitsk = ((raw[off + k * nb: off + (k + 1) * nb].to(torch.int64)[:, None] >> shifts) & 1).reshape(-1)[:n]
-            rest |= bitsk << (8 * (r_bits // 8) + k)
-    sign = rest >> m_bits
-    bits = (sign << (total - 1)) | (exp.reshape(-1).to(device=dev, dtype=torch.int64) << m_bits) | (rest & ((1 << m_bits) - 1))
-    bits = torch.where(bits >= 1 << (total - 1), bits - (1 << total), bits)  # two's complement of the int view
-    return bits.to(_INT_VIEW[total]).view(dtype).reshape(exp.shape)
+            top |= (((raw[off + k * nb: off + (k + 1) * nb][:, None] >> shifts) & 1).reshape(-1)[:n]) << k
+        words = [rest[0], ((top & 4) << 5) | (e << 2) | (top & 3)]
+    else:  # bfloat16 / float32: the last rest byte holds the sign (bit 7) and the top 7 mantissa bits
+        last = rest[-1]
+        words = rest[:-1] + [(e << 7) | (last & 0x7F), (last & 0x80) | (e >> 1)]
+    if sys.byteorder == "big":
+        words = words[::-1]
+    return torch.stack(words, dim=-1).view(_INT_VIEW[total]).view(dtype).reshape(exp.shape)
 
 
 def _entropy(codes: torch.Tensor) -> tuple[float, int]:
