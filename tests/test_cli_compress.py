@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import acip
-from acip.train.testing import TINY_ARGS, child_env, tiny_run
+from helpers_train import TINY_ARGS, child_env, run_compress, tiny_run
 
 
 def test_run_directory_holds_every_artifact_and_results_beat_nothing():
     run = tiny_run()
-    for name in ("config.yaml", "score_map.safetensors", "metrics.csv", "results.json",
-                 "adapters/acip_adapters.safetensors", "plots/ratio_vs_ppl.png", "plots/score_heatmap.png",
-                 "plots/kept_ranks.png"):
+    for name in ("config.yaml", "acip_config.json", "acip_state.safetensors", "score_map.safetensors", "metrics.csv",
+                 "results.json", "plots/ratio_vs_ppl.png", "plots/score_heatmap.png", "plots/kept_ranks.png"):
         assert (run / name).is_file(), name
+    assert not (run / "adapters").exists() and not (run / "base_model").exists()
     assert (run / "plots/ratio_vs_ppl.png").read_bytes()[:4] == b"\x89PNG"
     res = json.loads((run / "results.json").read_text())
     assert res["reached_stop_ratio"] and res["final_size_ratio"] <= 0.5
@@ -36,8 +36,11 @@ def test_run_directory_holds_every_artifact_and_results_beat_nothing():
             assert measured <= float(r) + 1e-9 and measured > float(r) - 0.1
         assert all(math.isfinite(v) for v in res["ppl"][method].values())
     sm = acip.ScoreMap.load(run / "score_map.safetensors")
-    assert sm.method == "acip" and sm.stop_ratio == 0.5 and sm.meta["adapters"] == "adapters"
-    assert sm.meta["global_step"] == res["global_step"] and sm.source["kind"] == "path"
+    assert sm.method == "acip" and sm.stop_ratio == 0.5 and sm.source.kind == "path"
+    assert sm.meta["global_step"] == res["global_step"] and res["score_map_digests"] == [sm.digest()[:15]]
+    pm = acip.load(run)  # the run directory is the parametrized model as trained, with its map
+    assert isinstance(pm, acip.ACIPModel) and pm.score_map.digest() == sm.digest()
+    assert pm.size_ratio() == pytest.approx(res["final_size_ratio"])
 
 
 def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_path):
@@ -49,8 +52,8 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
     assert "measured target-layer ratio" in proc.stdout
     model = acip.load(out)
     assert acip.size_ratio(model) <= 0.6 and acip.size_ratio(model) > 0.5
-    # same model as exporting from the score map in memory of this process (fresh rebuild)
-    ref = acip.export(acip.ScoreMap.load(run / "score_map.safetensors"), ratio=0.6)
+    # same model as exporting the run directory in this process (fresh rebuild)
+    ref = acip.export(run, ratio=0.6)
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
@@ -60,12 +63,12 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     bare = acip.load(run / "export_r60-no-adapters")
     assert bare.config.acip_export["adapters"] is False and acip.size_ratio(bare) <= 0.6
-    ref = acip.export(acip.ScoreMap.load(run / "score_map.safetensors"), ratio=0.6, adapters=False)
+    ref = acip.export(run, ratio=0.6, adapters=False)
     with torch.no_grad():
         assert torch.allclose(bare(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
     proc = subprocess.run([sys.executable, "-m", "acip.export", f"run_dir={run}", "ratio=0.6", "adapters=maybe"],
                           env=child_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode != 0 and "adapters='maybe'" in proc.stderr and "adapters=false" in proc.stderr
+    assert proc.returncode != 0 and "adapters" in proc.stderr and "maybe" in proc.stderr
 
 
 @pytest.mark.parametrize("entry", ["module", "console_script"])
@@ -90,14 +93,20 @@ def run_cli(monkeypatch, tmp_path, *args: str, base: tuple[str, ...] = TINY_ARGS
     compress.main()
 
 
+def written(run) -> set[str]:
+    """What a run wrote into its directory, besides Hydra's own .hydra/."""
+    return {p.name for p in run.iterdir()} - {".hydra"} if run.is_dir() else set()
+
+
 @pytest.mark.parametrize("ratio", ["0", "1.0", "1.5", "-0.1"])
-def test_stop_ratio_outside_zero_one_is_a_clear_error(monkeypatch, tmp_path, capsys, ratio):
+def test_stop_ratio_outside_zero_one_is_a_clear_error_and_writes_nothing(monkeypatch, tmp_path, capsys, ratio):
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, tmp_path, f"acip.stop_ratio={ratio}")
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert f"acip.stop_ratio={float(ratio)!r}" in err or f"acip.stop_ratio={ratio}" in err
-    assert "outside (0, 1)" in err and "e.g. acip.stop_ratio=0.4" in err
+    assert "acip.stop_ratio must be in (0, 1)" in err and f"got {ratio};" in err
+    assert "e.g. acip.stop_ratio=0.4" in err
+    assert written(tmp_path / "run") == set()
 
 
 def test_hub_id_without_network_says_how_to_pass_a_local_path(monkeypatch, tmp_path, capsys):
@@ -115,6 +124,17 @@ def test_dataset_shorter_than_one_batch_is_a_clear_error(monkeypatch, tmp_path, 
         run_cli(monkeypatch, tmp_path, "data=text_files", f"data.paths=[{f}]", base=("experiment=tiny",))
     err = capsys.readouterr().err
     assert "fewer than one batch" in err and "batch_size=4" in err and "lower acip.seq_len" in err
+    assert written(tmp_path / "run") == set()
+
+
+def test_a_binary_data_file_is_named_and_nothing_is_written(monkeypatch, tmp_path, capsys):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(bytes(range(256)) * 224)  # ~57 KB of bytes that are not text
+    with pytest.raises(SystemExit):
+        run_cli(monkeypatch, tmp_path, "data=text_files", f"data.paths=[{f}]", base=("experiment=tiny",))
+    err = capsys.readouterr().err
+    assert f"{str(f)!r} is not UTF-8 text" in err and len(err) < 5000
+    assert written(tmp_path / "run") == set()
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_score_map(monkeypatch, tmp_path, capsys):
@@ -137,19 +157,89 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_score_map(mon
 
 
 def test_training_in_the_activation_aware_basis(tmp_path):
-    """acip.whiten_windows > 0: masks over the SVD of W L; the factors travel with the score map."""
-    from acip.train.testing import run_compress
-
+    """acip.whiten_windows > 0: masks over the SVD of W L; the factors are saved in the run directory."""
     run = tmp_path / "run"
     run_compress(run, "acip.whiten_windows=4", "acip.whiten_seq_len=32", "eval.ratios=[0.6]")
-    assert (run / "score_map.whitening.safetensors").is_file()
     res = json.loads((run / "results.json").read_text())
     # a whitened run's own untrained map is the activation-aware one (not evaluated twice); the
     # plain singular-value baseline comes from a plain parametrization of the untrained weights
     assert set(res["ppl"]) == {"acip", "acip_no_adapters", "activation_aware", "singular_values"}
     assert res["ppl"]["activation_aware"] != res["ppl"]["singular_values"]
-    sm = acip.ScoreMap.load(run / "score_map.safetensors")
-    assert sm.meta["whitening"] == "score_map.whitening.safetensors"
-    small = acip.export(sm, ratio=0.6)  # rebuilt in this process: base model + factors + adapters
+    pm = acip.load(run)  # rebuilt in this process: base model + saved basis + masks + adapters
+    assert pm.acip_config.basis == "activation_aware" and all(l.whitened for l in pm.svd_layers().values())
+    small = acip.export(run, ratio=0.6)
     assert acip.size_ratio(small) <= 0.6
-    assert sm.model is not None and all(l.whitened for l in sm.model.svd_layers().values())
+    assert acip.size_ratio(small) == pytest.approx(res["measured_ratio"]["acip"]["0.6"])
+
+
+def test_post_tuning_run_records_the_stop_step_in_the_score_map(tmp_path):
+    """Entries pruned at the stop step score <= -1 (the update of that step is not skipped)."""
+    run = tmp_path / "run"
+    run_compress(run, "acip.post_tune_steps=4", "eval.enabled=false")
+    pm = acip.load(run)
+    sm, step = pm.score_map, pm.score_map.meta["global_step"]
+    stop = sm.meta["updates"]  # one update per acip step, the stop step included
+    assert step == stop + 4 and stop < 60
+    for name, mask in pm.masks().items():  # masks frozen since the stop step
+        assert torch.equal(sm.scores[name] <= -1, mask <= 0), name
+        assert torch.equal(sm.scores[name][mask > 0], mask[mask > 0].detach()), name
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[-1].split(",")[:2] == [str(step), "post_tune"]
+
+
+def test_rerunning_into_an_existing_run_directory_is_refused(monkeypatch, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit):
+        run_cli(monkeypatch, tmp_path)
+    err = capsys.readouterr().err
+    assert "already holds a run (config.yaml)" in err and f"resume={tmp_path / 'run'}" in err
+    assert (tmp_path / "run" / "config.yaml").read_text() == "seed: 0\n"
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    from acip.cli.compress import unique_run_dir
+
+    a, b = unique_run_dir(tmp_path / "unit" / "12-00-00"), unique_run_dir(tmp_path / "unit" / "12-00-00")
+    assert a != b and a.is_dir() and b.is_dir() and b.name == "12-00-00-2"
+    # two processes at once through the resolver of the default hydra.run.dir, with a base name that
+    # cannot differ between them (the default's is the time to the second); both stop at validation
+    same = "hydra.run.dir='${acip_run_dir:${resume},outputs/fixed}'"
+    procs = [subprocess.Popen([sys.executable, "-m", "acip.compress", *TINY_ARGS, same, "acip.stop_ratio=2"],
+                              env=child_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
+    assert [p.wait(timeout=600) for p in procs] == [1, 1]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["fixed", "fixed-2"]
+    assert all((tmp_path / "outputs" / d / ".hydra").is_dir() for d in ("fixed", "fixed-2"))
+
+
+def test_resume_of_a_missing_directory_is_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "acip.compress", f"resume={tmp_path / 'nope'}"], env=child_env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"acip-compress: resume={tmp_path / 'nope'}: no such directory. Pass the "
+                                                f"directory of an earlier run, e.g. resume=outputs/2026-11-30/12-00-00"]
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "acip.compress", f"resume={tmp_path / 'empty'}"], env=child_env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "holds no config.yaml" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_resume_applies_overrides_of_saved_keys_and_refuses_the_rest_by_name(tmp_path):
+    from omegaconf import OmegaConf
+
+    from acip.cli.compress import resumed_config
+
+    OmegaConf.save(OmegaConf.create({"acip": {"exclude_modules": None, "max_steps": 60, "lora": {"r": 4}},
+                                     "debug": {"step_delay_s": 0.25}, "resume": None}), tmp_path / "config.yaml")
+    cfg = resumed_config(tmp_path, ["acip.exclude_modules=[q_proj]", "debug.step_delay_s=0", "acip.max_steps=80",
+                                    "hydra.run.dir=x", f"resume={tmp_path}"])
+    assert cfg.acip.exclude_modules == ["q_proj"] and cfg.debug.step_delay_s == 0 and cfg.acip.max_steps == 80
+    assert cfg.resume == str(tmp_path) and cfg.acip.lora.r == 4
+    with pytest.raises(ValueError) as e:
+        resumed_config(tmp_path, ["acip=paper", "experiment=tiny", "acip.nope=1", "~debug", "acip.max_steps=70"])
+    msg = str(e.value)
+    for bad in ("acip=paper: a config group choice", "experiment=tiny: a config group choice",
+                "acip.nope=1: no key 'acip.nope'", "~debug: deletions"):
+        assert bad in msg, bad
+    assert "acip.max_steps=70" not in msg

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
-from acip.train.testing import child_env, run_compress
+from helpers_train import child_env, run_compress
 
 
 def test_ddp_two_processes_share_one_score_map_and_only_rank0_writes(tmp_path):
@@ -20,7 +20,7 @@ def test_ddp_two_processes_share_one_score_map_and_only_rank0_writes(tmp_path):
     steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open())]
     assert steps == sorted(set(steps))
     names = {p.name for p in run.iterdir()}
-    assert names <= {".hydra", "config.yaml", "base_model", "wandb", "wandb_run_id.txt", "checkpoints", "adapters",
-                     "score_map.safetensors", "metrics.csv", "results.json", "plots"}, names
+    assert names <= {".hydra", "config.yaml", "wandb", "wandb_run_id.txt", "checkpoints", "acip_config.json",
+                     "acip_state.safetensors", "score_map.safetensors", "metrics.csv", "results.json", "plots"}, names
     assert not [p for p in run.rglob("*") if "ddp_process_1" in p.name or p.name == "lightning_logs"]
     assert "train_ddp_process_1" not in (run / ".hydra" / "hydra.yaml").read_text()

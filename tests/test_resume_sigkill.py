@@ -10,7 +10,7 @@ import time
 import torch
 
 import acip
-from acip.train.testing import child_env, compress_cmd, run_compress, tiny_run
+from helpers_train import child_env, compress_cmd, resume_cmd, run_compress, tiny_run
 
 
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
@@ -28,7 +28,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
     assert not (run / "results.json").exists(), "the run finished before it was killed"
     killed_at = acip.ScoreMap.load(run / "score_map.safetensors").meta["global_step"]
 
-    out = run_compress(run, cmd=compress_cmd(run, f"resume={run}", "debug.step_delay_s=0"))
+    out = run_compress(run, cmd=resume_cmd(run, "debug.step_delay_s=0"))  # its saved config, one key changed
     assert "run directory" in out.stdout
     got = acip.ScoreMap.load(run / "score_map.safetensors")
     want = acip.ScoreMap.load(reference / "score_map.safetensors")

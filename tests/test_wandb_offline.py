@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from acip.train.run import setup_wandb_env
-from acip.train.testing import tiny_run
+from helpers_train import tiny_run
 
 
 def test_offline_run_files_hold_the_metric_keys_images_and_table():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from acip.train.testing import TINY_ARGS, child_env, run_compress
+from helpers_train import TINY_ARGS, child_env, run_compress
 
 SWEEP = Path(__file__).resolve().parents[1] / "conf" / "sweep" / "acip.yaml"
 

@@ -1,8 +1,9 @@
 """Ratio sweeps: perplexity of one score map at many size ratios, without copying the model."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -38,43 +39,57 @@ def ratio_sweep(
     return out
 
 
-def format_table(columns: dict[str, dict[float, float]], reference: float | None = None) -> str:
-    """A markdown table: one row per ratio, one column per method (perplexities)."""
-    ratios = sorted({r for col in columns.values() for r in col}, reverse=True)
-    head = "| ratio | " + " | ".join(columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
+def format_table(columns: Mapping[str, Mapping[float, float]], reference: float | None = None,
+                 ratios: Sequence[float] | None = None, suffix: str = "") -> str:
+    """A markdown table (pasteable into docs): one row per ratio, one column per method.
+
+    ``columns[method][ratio]`` are perplexities; ``ratios`` default to every ratio seen,
+    largest first; ``reference`` adds a ``dense`` row; ``suffix`` is appended to each header
+    (``" ppl"``). Cells: two decimals, ``inf`` for a non-finite value, empty where missing.
+    """
+    if ratios is None:
+        ratios = sorted({r for col in columns.values() for r in col}, reverse=True)
+
+    def cell(v: float | None) -> str:
+        return "" if v is None else (f"{v:.2f}" if math.isfinite(v) else "inf")
+
+    lines = ["| ratio | " + " | ".join(f"{m}{suffix}" for m in columns) + " |", "|---:|" + "---:|" * len(columns)]
     if reference is not None:
-        lines.append("| dense | " + " | ".join(f"{reference:.2f}" for _ in columns) + " |")
+        lines.append("| dense | " + " | ".join(cell(reference) for _ in columns) + " |")
     for r in ratios:
-        cells = [f"{columns[c][r]:.4g}" if r in columns[c] else "" for c in columns]
-        lines.append(f"| {r:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r:.2f} | " + " | ".join(cell(columns[m].get(r)) for m in columns) + " |")
     return "\n".join(lines)
 
 
-def plot_ratio_curves(
-    columns: dict[str, dict[float, float]], path: str | Path, reference: float | None = None, title: str = ""
-) -> Path:
-    """Save a ratio-vs-perplexity PNG (log y axis), one line per method."""
+def plot_ratio_curves(columns: Mapping[str, Mapping[float, float]], path: str | Path,
+                      reference: float | None = None, title: str = "") -> Path:
+    """Held-out perplexity (log y) against the target-layer size ratio, one line per method.
+
+    The x axis runs from dense (1.0) to small; ``reference`` draws the uncompressed model's
+    perplexity. Written atomically as a PNG; returns ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    from ..core.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 4))
     for name, col in columns.items():
         xs = sorted(col)
         ax.plot(xs, [col[x] for x in xs], marker="o", label=name)
     if reference is not None:
-        ax.axhline(reference, color="gray", ls="--", label=f"dense ({reference:.2f})")
+        ax.axhline(reference, color="gray", ls="--", lw=1, label=f"uncompressed ({reference:.2f})")
     ax.set_yscale("log")
-    ax.set_xlabel("size ratio (target-layer parameters kept)")
+    ax.set_xlabel("size ratio (target layers)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title(title or "ratio vs perplexity")
+    if title:
+        ax.set_title(title)
+    ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path

@@ -1,28 +1,28 @@
 """Model builders named by ``conf/model/*.yaml``: each returns ``(model, tokenizer)``.
 
 ``load_pretrained`` goes through :func:`acip.load_base` (hub id, local path or the packaged
-SmolLM2). ``tiny_llama`` builds a small random Llama plus a byte-level tokenizer, saves both to
-``<run_dir>/base_model`` and loads them back through ``acip.load_base``, so that the score map of
-a tiny run points at a real local path and a fresh process can export from it.
+SmolLM2). ``tiny_llama`` builds a small random Llama plus a byte-level tokenizer, saves both once
+to acip's cache (``<cache_dir>/tiny_llama/<digest of its arguments>``) and loads them back through
+``acip.load_base``, so that a tiny run's saved config points at a real local path and a fresh
+process can rebuild it. Neither writes into the run directory.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from pathlib import Path
+import shutil
 from typing import Any
 
 import torch
 
 __all__ = ["load_pretrained", "tiny_llama", "byte_tokenizer"]
 
-
-def _rank() -> int:
-    """Global rank from the launcher's environment (0 before any process group exists)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+TINY_FORMAT = 1  # bump when tiny_llama builds another model from the same arguments
 
 
-def load_pretrained(path: str, dtype: str = "float32", workdir: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """``acip.load_base(path)``; ``dtype`` is cast after loading (training math stays fp32)."""
+def load_pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """``acip.load_base(path, dtype=dtype)`` (masks, scores and losses stay fp32 whatever the dtype)."""
     import acip
 
     if not path or str(path) == "???":
@@ -30,10 +30,10 @@ def load_pretrained(path: str, dtype: str = "float32", workdir: str | os.PathLik
             "model.path is empty: pass a hub id or a local directory, e.g. "
             "model=hf model.path=/models/qwen2.5-0.5b"
         )
-    model, tok = acip.load_base(str(path))
-    if dtype and dtype != "float32":
-        model = model.to(getattr(torch, dtype))
-    return model, tok
+    torch_dtype = getattr(torch, str(dtype or "float32"), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"model.dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return acip.load_base(str(path), dtype=torch_dtype)  # the saved source records the dtype
 
 
 def byte_tokenizer() -> Any:
@@ -60,22 +60,25 @@ def tiny_llama(
     num_key_value_heads: int = 2,
     max_position_embeddings: int = 512,
     seed: int = 0,
-    workdir: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
-    """A random Llama (seeded) with the byte tokenizer, saved to ``<workdir>/base_model``.
+    """A random Llama (seeded) with the byte tokenizer, cached as a local model directory.
 
-    Only rank 0 writes; in DDP the other ranks start after rank 0 has built the trainer, so the
-    directory already exists when they load it.
+    The directory is a pure function of the arguments (and the transformers version): any process
+    (DDP ranks included) builds the same one, published with one rename; a concurrent builder's
+    copy is discarded.
     """
-    import acip
+    import transformers
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if workdir is None:
-        raise ValueError("tiny_llama needs workdir= (the run directory) to save its base model in")
-    target = Path(workdir) / "base_model"
+    import acip
+    from acip.core.base import cache_dir
+
+    args = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                max_position_embeddings=max_position_embeddings, seed=seed)
+    key = json.dumps({**args, "format": TINY_FORMAT, "transformers": transformers.__version__}, sort_keys=True)
+    target = cache_dir() / "tiny_llama" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not (target / "config.json").is_file():
-        if _rank() != 0:
-            raise FileNotFoundError(f"rank {_rank()}: {target} was not written by rank 0")
         tok = byte_tokenizer()
         cfg = LlamaConfig(
             vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -84,12 +87,17 @@ def tiny_llama(
             eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
             tie_word_embeddings=False,
         )
-        gen = torch.random.fork_rng()
-        with gen:
+        with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(cfg)
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        (tmp / "tiny_llama.json").write_text(key)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process published it first
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return acip.load_base(str(target))

@@ -1,11 +1,15 @@
-"""The LightningModule of an ACIP run.
+"""The LightningModule of an ACIP run: the loss, and the algorithm after every optimiser step.
 
     loss = CE(next token) + lambda_t * sum_l || ReLU(m_l) ||_1          (both terms in fp32)
 
 in the ``"acip"`` phase; in the ``"post_tune"`` phase the L1 term is dropped and the masks'
 learning rate is 0 (they stay bit-identical while the LoRA adapters train). Only the masks and
-the LoRA factors are trainable; every other parameter is frozen. ``lambda_t`` (``l1_weight``) is
-set by :class:`acip.train.callbacks.RegularizationSchedule`.
+the LoRA factors are trainable; every other parameter is frozen.
+
+The module owns the run's :class:`acip.ScoreMap` (``module.score_map``) and its
+:class:`~acip.train.schedule.ACIPSchedule`, and runs the algorithm itself
+(:meth:`ACIPModule.after_step`), right after each ``optimizer.step()``. Callbacks only observe:
+monitoring, checkpoints, the run directory, the final evaluation.
 """
 from __future__ import annotations
 
@@ -15,26 +19,33 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACIPModule", "NonFiniteLossError"]
+from .schedule import ACIPSchedule
 
-PHASES = ("acip", "post_tune")
+__all__ = ["ACIPModule", "NonFiniteLossError", "ReplicaMismatchError"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf."""
 
 
+class ReplicaMismatchError(RuntimeError):
+    """The score map differs between DDP ranks (it must be replicated, like the masks)."""
+
+
 class ACIPModule(pl.LightningModule):
-    """Holds the parametrized model ``pm`` (an :class:`acip.ACIPModel`)."""
+    """Holds the parametrized model ``pm`` (an :class:`acip.ACIPModel`), its score map and schedule."""
 
     def __init__(self, pm: Any, lr: float, lora_lr: float, weight_decay: float = 0.0,
-                 l1_weight: float = 0.0) -> None:
+                 schedule: ACIPSchedule | None = None, meta: dict | None = None) -> None:
+        from acip import ScoreMap
+
         super().__init__()
         self.pm = pm
         self.lr, self.lora_lr, self.weight_decay = float(lr), float(lora_lr), float(weight_decay)
-        self.l1_weight = float(l1_weight)
-        self.phase = "acip"
-        self.post_tune_start = -1
+        self.schedule = schedule if schedule is not None else ACIPSchedule()
+        self.l1_weight = self.schedule.l1_weight_at(0)
+        self.score_map = ScoreMap.from_masks(pm, method="acip", stop_ratio=self.schedule.stop_ratio, meta=meta)
+        self.rank_digests: list[str] = []
         self.last: dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         for p in self.pm.parameters():
@@ -42,9 +53,14 @@ class ACIPModule(pl.LightningModule):
         for p in self.trainable():
             p.requires_grad_(True)
 
+    @property
+    def phase(self) -> str:
+        return self.schedule.phase
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.pm.mask_parameters()) + list(self.pm.lora_parameters())
 
+    # ------------------------------------------------------------------ the loss
     def l1_term(self) -> torch.Tensor:
         """``sum_l ||ReLU(m_l)||_1`` in fp32."""
         return torch.stack([torch.relu(m.float()).sum() for m in self.pm.mask_parameters()]).sum()
@@ -55,11 +71,11 @@ class ACIPModule(pl.LightningModule):
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        task = self.task_loss(batch["input_ids"])
-        l1 = self.l1_term()
+        task, l1 = self.task_loss(batch["input_ids"]), self.l1_term()
         loss = task + self.l1_weight * l1 if self.phase == "acip" else task
         self.check_finite(loss)
-        self.last = {"task_loss": float(task.detach()), "l1_loss": float(l1.detach()), "loss": float(loss.detach())}
+        self.last = {"task_loss": float(task.detach()), "l1_loss": float(l1.detach()), "loss": float(loss.detach()),
+                     "l1_weight": self.l1_weight}
         return loss
 
     def check_finite(self, loss: torch.Tensor) -> None:
@@ -70,7 +86,7 @@ class ACIPModule(pl.LightningModule):
             bad = trainer.strategy.reduce(bad, reduce_op="sum")
         if float(bad) > 0:
             raise NonFiniteLossError(
-                f"the training loss is {float(loss.detach())} at step {self._trainer.global_step if self._trainer else 0} (phase "
+                f"the training loss is {float(loss.detach())} at step {trainer.global_step if trainer else 0} (phase "
                 f"{self.phase}, l1_weight={self.l1_weight:.3g}). The score map of the last good step "
                 f"is kept on disk. Lower acip.lr / acip.lora_lr or acip.l1_init, or train in fp32."
             )
@@ -83,28 +99,91 @@ class ACIPModule(pl.LightningModule):
             groups.append({"params": lora, "lr": self.lora_lr, "weight_decay": self.weight_decay, "name": "lora"})
         return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
-    def enter_post_tune(self, start_step: int) -> None:
-        """Freeze the masks by zeroing their learning rate (keeps DDP's gradient buckets intact).
+    # ------------------------------------------------------------------ the algorithm
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """``optimizer.step()``, then :meth:`after_step` for the step just taken.
 
-        ``start_step`` is the global step count at the switch (post-tune steps = step - start).
+        Here rather than in ``on_train_batch_end``: Lightning calls a module's
+        ``on_train_batch_end`` after every callback's, so a checkpoint or the monitor at step t
+        would see the score map and phase of step t - 1. Lightning counts the step as completed
+        only when this hook returns, hence ``global_step + 1``.
         """
-        self.phase, self.post_tune_start = "post_tune", int(start_step)
+        super().optimizer_step(*args, **kwargs)
+        if self.after_step(self.trainer.global_step + 1):
+            self.trainer.should_stop = True
+            self.check_replicas()
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> bool:
+        """The algorithm after optimiser step number ``step`` (1-based), in this fixed order:
+
+        (a) score map: in the ``acip`` phase (the step that reaches the stop ratio included),
+            ``score_map.update(masks)``: ``mask > 0 -> score = mask``; ``just reached <= 0 ->
+            0``; then every ``mask <= 0`` loses 1. Skipped (last good scores kept) when a mask
+            is non-finite; the next loss check stops the run.
+        (b) stop check: size ratio ``<= stop_ratio`` -> enter post-tuning, or stop;
+        (c) post-tune count: ``step - post_tune_start >= post_tune_steps`` -> stop;
+        (d) ``l1_weight = lambda_step``, the weight of the next step.
+
+        Returns True when the run should stop after this step.
+        """
+        sched = self.schedule
+        if sched.phase == "acip":
+            masks = self.pm.masks()
+            if all(bool(torch.isfinite(m).all()) for m in masks.values()):
+                self.score_map.update(masks)
+                sched.updates += 1
+        action = sched.advance(step, self.pm.size_ratio())
+        if action == "post_tune":
+            self.freeze_masks()
+        self.l1_weight = sched.l1_weight_at(step)
+        return action == "stop"
+
+    def freeze_masks(self) -> None:
+        """Masks' learning rate -> 0 (keeps DDP's gradient buckets intact; AdamW leaves them bit-identical)."""
         if self._trainer is not None:
             for opt in self._trainer.optimizers:
                 for g in opt.param_groups:
                     if g.get("name") == "masks":
                         g["lr"] = 0.0
 
-    # only the trainable tensors go into checkpoints; the frozen ones come from the base model
+    def check_replicas(self) -> list[str]:
+        """Gather ``score_map.digest()`` from every rank; raise if they differ. Collective: all ranks call it."""
+        digest = self.score_map.digest()
+        code = torch.tensor([int(digest[:15], 16)], dtype=torch.long, device=self.device)
+        trainer = self._trainer
+        gathered = trainer.strategy.all_gather(code) if trainer is not None and trainer.world_size > 1 else code
+        self.rank_digests = [f"{int(v):015x}" for v in gathered.flatten().tolist()]
+        if len(set(self.rank_digests)) > 1:
+            raise ReplicaMismatchError(
+                f"the score map differs between ranks (digests {self.rank_digests}): the masks were not replicated. "
+                f"Use strategy=ddp (not ddp_spawn) and do not change masks outside the optimiser step."
+            )
+        return self.rank_digests
+
+    # ------------------------------------------------------------------ lifecycle and checkpoints
+    def on_train_start(self) -> None:
+        step = self.trainer.global_step
+        self.l1_weight = self.schedule.l1_weight_at(step)
+        if self.phase == "post_tune":  # resumed inside the post-tune phase
+            self.freeze_masks()
+
+    def on_train_end(self) -> None:
+        if not self.rank_digests:  # the run ended some other way than by the schedule
+            self.check_replicas()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Only the trainable tensors, plus the schedule state and the scores."""
         keep = {id(p) for p in self.trainable()}
         names = {n for n, p in self.named_parameters() if id(p) in keep}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-        checkpoint["acip_phase"] = self.phase
-        checkpoint["acip_l1_weight"] = self.l1_weight
-        checkpoint["acip_post_tune_start"] = self.post_tune_start
+        checkpoint["acip"] = {"schedule": self.schedule.state_dict(),
+                              "scores": {n: s.clone() for n, s in self.score_map.scores.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.phase = checkpoint.get("acip_phase", "acip")
-        self.l1_weight = float(checkpoint.get("acip_l1_weight", self.l1_weight))
-        self.post_tune_start = int(checkpoint.get("acip_post_tune_start", -1))
+        state = checkpoint.get("acip")
+        if state is None:
+            raise KeyError("this checkpoint has no 'acip' state (schedule and scores): it was written by an older "
+                           "acip. Start a new run, or resume with the acip version that wrote it.")
+        self.schedule.load_state_dict(state["schedule"])
+        self.score_map.set_scores({n: torch.as_tensor(s) for n, s in state["scores"].items()})

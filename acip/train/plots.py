@@ -1,4 +1,7 @@
-"""PNG plots of a finished run (matplotlib, Agg backend): each function writes one file."""
+"""PNG plots of a run's score map (matplotlib, Agg backend): each function writes one file.
+
+The ratio-vs-perplexity curve is :func:`acip.eval.sweep.plot_ratio_curves`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["plot_ratio_vs_ppl", "plot_score_heatmap", "plot_kept_ranks"]
+__all__ = ["plot_score_heatmap", "plot_kept_ranks"]
 
 
 def _plt() -> Any:
@@ -19,30 +22,11 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    from acip.core.score_map import atomic_write
+    from acip.core.io import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     _plt().close(fig)
     return path
-
-
-def plot_ratio_vs_ppl(curves: Mapping[str, Mapping[float, float]], path: Path, reference: float | None = None) -> Path:
-    """Held-out perplexity (log scale) against the target-layer size ratio, one line per method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in curves.items():
-        xs = sorted(pts)
-        ax.plot(xs, [pts[x] for x in xs], marker="o", label=label)
-    if reference is not None:
-        ax.axhline(reference, color="gray", ls="--", lw=1, label="uncompressed")
-    ax.set_yscale("log")
-    ax.set_xlabel("size ratio (target layers)")
-    ax.set_ylabel("held-out perplexity")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
 
 
 def plot_score_heatmap(scores: Mapping[str, torch.Tensor], path: Path, bins: int = 64) -> Path:

@@ -1,7 +1,16 @@
-"""One ACIP training run from a resolved config: build, fit, evaluate. No Hydra in here.
+"""One ACIP training run from a resolved config: validate, build, write, fit. No Hydra in here.
 
 ``train(cfg, run_dir)`` is what ``python -m acip.compress`` calls with Hydra's output directory;
-tests call it with a config from Hydra's compose API.
+tests call it with a config from Hydra's compose API. The order is fixed so that a config that
+cannot run leaves nothing behind:
+
+1. :func:`validate`: every number and the :class:`acip.ACIPConfig` of the ``acip`` group (cheap);
+2. :func:`prepare`: text, model, packed data (too little text fails here), whitening, the
+   parametrized model and the module (expensive, but writes nothing);
+3. only then ``config.yaml``, the logger, the trainer, and the run itself.
+
+A directory that already holds a run (``config.yaml`` or ``acip_config.json``) is only ever
+continued by ``resume=<dir>``.
 """
 from __future__ import annotations
 
@@ -13,7 +22,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["train", "build", "find_checkpoint", "setup_wandb_env", "rank_from_env"]
+__all__ = ["train", "build", "validate", "prepare", "acip_config", "find_checkpoint", "setup_wandb_env",
+           "rank_from_env", "RunDirectoryError", "RUN_MARKERS"]
+
+RUN_MARKERS = ("config.yaml", "acip_config.json")  # a directory holding one of these holds a run
+
+
+class RunDirectoryError(FileExistsError):
+    """The run directory already holds a run and ``resume=`` was not given."""
 
 
 def rank_from_env() -> int:
@@ -45,6 +61,135 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a directory that already holds a run (it would be overwritten)."""
+    held = [m for m in RUN_MARKERS if (run_dir / m).is_file()]
+    if held:
+        raise RunDirectoryError(
+            f"{str(run_dir)!r} already holds a run ({', '.join(held)}). Continue it with resume={run_dir}, or start "
+            f"a new run elsewhere (leave hydra.run.dir out for a fresh outputs/<date>/<time> directory)."
+        )
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _container(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _int(section: Any, key: str, where: str, least: int) -> int:
+    v = section.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise ValueError(f"{where}.{key} must be an integer >= {least}, got {v!r}")
+    return v
+
+
+def _float(section: Any, key: str, where: str, positive: bool) -> float:
+    v = section.get(key)
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (v > 0 if positive else v >= 0)
+    if not ok or v != v or v == float("inf"):
+        raise ValueError(f"{where}.{key} must be a {'positive' if positive else 'non-negative'} finite number, "
+                         f"got {v!r}")
+    return float(v)
+
+
+def acip_config(a: Any) -> Any:
+    """The :class:`acip.ACIPConfig` that the Hydra ``acip`` group describes (validated)."""
+    from acip.core.config import ACIPConfig, ConfigError
+
+    try:
+        return ACIPConfig(
+            target_modules=_container(a.target_modules), exclude_modules=_container(a.get("exclude_modules")),
+            mask_scaling=a.mask_scaling, lora=_container(a.get("lora")), svd_dtype=str(a.get("svd_dtype", "float64")),
+            basis="activation_aware" if int(a.get("whiten_windows", 0) or 0) > 0 else "plain",
+        )
+    except ConfigError as e:
+        raise ConfigError(f"acip.{e}") from None
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole config without building anything; ``{"schedule", "acip_config"}``."""
+    from acip.core.size import check_ratio
+
+    from .schedule import ACIPSchedule
+
+    a = cfg.acip
+    config = acip_config(a)
+    schedule = ACIPSchedule(l1_init=a.l1_init, reg_factor=a.reg_factor, reg_every=a.reg_every, stop_ratio=a.stop_ratio,
+                            post_tune_steps=a.post_tune_steps, max_steps=a.max_steps)  # checks each value
+    if schedule.post_tune_steps > 0 and config.lora is None:
+        raise ValueError(f"acip.post_tune_steps={schedule.post_tune_steps} trains only the LoRA adapters, but "
+                         f"acip.lora is null: set acip.lora (e.g. {{r: 8, lora_alpha: 16}}) or acip.post_tune_steps=0")
+    _float(a, "lr", "acip", positive=True)
+    _float(a, "lora_lr", "acip", positive=False)
+    _float(a, "weight_decay", "acip", positive=False)
+    for key, least in (("seq_len", 2), ("batch_size", 1), ("log_every", 1), ("checkpoint_every", 1)):
+        _int(a, key, "acip", least)
+    if config.basis == "activation_aware":
+        _int(a, "whiten_seq_len", "acip", 2)
+    if cfg.eval.enabled:
+        for r in cfg.eval.ratios:
+            check_ratio(r, "eval.ratios")
+        _int(cfg.eval, "seq_len", "eval", 2)
+        if cfg.eval.get("max_windows") is not None:
+            _int(cfg.eval, "max_windows", "eval", 1)
+        _int(cfg.eval, "activation_aware_windows", "eval", 0)
+    return {"schedule": schedule, "acip_config": config}
+
+
+# ---------------------------------------------------------------------------------------- building
+def _build(node: Any) -> Any:
+    """``hydra.utils.instantiate(node)``, re-raising the target's own error (Hydra wraps it in its repr)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, Exception):
+            raise e.__cause__ from None
+        raise
+
+
+def _world(cfg: DictConfig) -> int:
+    if str(cfg.trainer.get("strategy", "auto")).startswith(("ddp", "fsdp")):
+        return int(cfg.trainer.get("devices", 1) or 1)
+    return 1
+
+
+def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Text, model, data, parametrized model and module; writes nothing."""
+    import lightning.pytorch as pl
+    import torch
+
+    import acip
+    from .data import PackedTextDataModule
+    from .module import ACIPModule
+
+    a, schedule, config = cfg.acip, plan["schedule"], plan["acip_config"]
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    train_texts, heldout_texts = _build(cfg.data)
+    model, tok = _build(cfg.model)
+    if tok is None:
+        raise ValueError(f"the model at {cfg.model.get('path')!r} came without a tokenizer; save one next to it")
+    dm = PackedTextDataModule(tok, train_texts, a.seq_len, a.batch_size, schedule.total_steps, seed=int(cfg.seed),
+                              world_size=_world(cfg))
+    dm.prepare()  # fail early (dataset shorter than one batch) before any expensive SVD
+    whitening = None
+    if config.basis == "activation_aware":  # masks over the SVD of W L
+        from acip.core.whiten import calibrate_whitening
+        from acip.eval.perplexity import token_windows
+
+        calib = token_windows(tok, train_texts, int(a.whiten_seq_len), int(a.whiten_windows))
+        whitening = calibrate_whitening(model, calib.split(4), config.target_modules, config.exclude_modules)
+    pm = acip.parametrize(model, config, whitening=whitening)
+    module = ACIPModule(pm, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
+                        meta={"run_dir": str(run_dir)})
+    return {"module": module, "datamodule": dm, "pm": pm, "tokenizer": tok, "train_texts": train_texts,
+            "heldout_texts": heldout_texts}
+
+
 def _logger(cfg: DictConfig, run_dir: Path) -> Any:
     from hydra.utils import instantiate
 
@@ -69,71 +214,37 @@ def _logger(cfg: DictConfig, run_dir: Path) -> Any:
     return instantiate(lc, **kw)
 
 
-def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Model, data, module, callbacks and trainer for ``cfg`` (validated up front)."""
-    import lightning.pytorch as pl
-    import torch
+def make_trainer(cfg: DictConfig, run_dir: Path, parts: dict[str, Any]) -> Any:
+    """Callbacks, logger and the Lightning trainer (the logger may write into ``run_dir``)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    import acip
-    from .callbacks import (FinalEvaluation, Monitor, PostTuning, RegularizationSchedule, ScoreMapRecorder,
-                            StopAtRatio)
-    from .callbacks.stopping import check_stop_ratio
-    from .data import PackedTextDataModule
-    from .module import ACIPModule
+    from .callbacks import FinalEvaluation, Monitor, RunArtifacts
 
-    a = cfg.acip
-    stop_ratio = check_stop_ratio(a.stop_ratio)
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    train_texts, heldout_texts = instantiate(cfg.data)
-    model, tok = instantiate(cfg.model, workdir=str(run_dir))
-    if tok is None:
-        raise ValueError(f"the model at {cfg.model.get('path')!r} came without a tokenizer; save one next to it")
-    world = int(cfg.trainer.get("devices", 1) or 1) if str(cfg.trainer.get("strategy", "auto")).startswith(("ddp", "fsdp")) else 1
-    total_steps = int(a.max_steps) + int(a.post_tune_steps)
-    dm = PackedTextDataModule(tok, train_texts, a.seq_len, a.batch_size, total_steps, seed=int(cfg.seed), world_size=world)
-    dm.prepare()  # fail early (dataset shorter than one batch) before any expensive SVD
-    lora = OmegaConf.to_container(a.lora, resolve=True) if a.get("lora") else None
-    targets = OmegaConf.to_container(a.target_modules) if OmegaConf.is_config(a.target_modules) else a.target_modules
-    excludes = OmegaConf.to_container(a.exclude_modules) if OmegaConf.is_config(a.exclude_modules) else a.exclude_modules
-    whitening = None
-    if int(a.get("whiten_windows", 0) or 0) > 0:  # activation-aware basis: masks over the SVD of W L
-        from acip.core.whiten import calibrate_whitening
-        from acip.eval.perplexity import token_windows
-
-        calib = token_windows(tok, train_texts, int(a.get("whiten_seq_len", 256)), int(a.whiten_windows))
-        whitening = calibrate_whitening(model, calib.split(4), targets, excludes)
-    pm = acip.parametrize(model, target_modules=targets, exclude_modules=excludes, mask_scaling=float(a.mask_scaling), lora=lora,
-                          svd_dtype=getattr(torch, str(a.get("svd_dtype", "float64"))), whitening=whitening)
-    module = ACIPModule(pm, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, l1_weight=a.l1_init)
-    recorder = ScoreMapRecorder(run_dir, stop_ratio=stop_ratio, meta={"run_dir": str(run_dir)})
-    stopper = StopAtRatio(stop_ratio, a.post_tune_steps)
-    callbacks = [
-        RegularizationSchedule(a.l1_init, a.reg_factor, a.reg_every),
-        stopper,
-        PostTuning(a.post_tune_steps),
-        recorder,
-        Monitor(run_dir, every=a.log_every, ranks_per_layer=cfg.get("log_ranks", True)),
-    ]
+    a, schedule = cfg.acip, parts["module"].schedule
+    callbacks: list[Any] = [RunArtifacts(run_dir), Monitor(run_dir, every=a.log_every, ranks_per_layer=cfg.get("log_ranks", True))]
     if cfg.eval.enabled:
-        callbacks.append(FinalEvaluation(run_dir, recorder, tok, heldout_texts, list(cfg.eval.ratios), cfg.eval.seq_len,
-                                         cfg.eval.max_windows, cfg.eval.baseline, stopper=stopper, calib_texts=train_texts,
+        callbacks.append(FinalEvaluation(run_dir, parts["tokenizer"], parts["heldout_texts"], list(cfg.eval.ratios),
+                                         cfg.eval.seq_len, cfg.eval.max_windows, cfg.eval.baseline,
+                                         calib_texts=parts["train_texts"],
                                          calib_windows=int(cfg.eval.get("activation_aware_windows", 0) or 0),
                                          no_adapters=bool(cfg.eval.get("no_adapters", True))))
     if cfg.get("debug", {}).get("step_delay_s", 0):
         callbacks.append(_step_delay(float(cfg.debug.step_delay_s)))
-    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}", auto_insert_metric_name=False,
-                           every_n_train_steps=int(a.checkpoint_every), save_top_k=2, monitor="step", mode="max",
-                           save_last=False)
-    callbacks.append(ckpt)
-    trainer = instantiate(cfg.trainer, max_steps=total_steps, callbacks=callbacks, logger=_logger(cfg, run_dir),
-                          default_root_dir=str(run_dir), enable_checkpointing=True, use_distributed_sampler=False,
-                          enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=int(a.log_every),
-                          num_sanity_val_steps=0, max_epochs=-1, deterministic=cfg.get("deterministic", False))
-    return {"trainer": trainer, "module": module, "datamodule": dm, "recorder": recorder, "pm": pm, "tokenizer": tok}
+    callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}",
+                                     auto_insert_metric_name=False, every_n_train_steps=int(a.checkpoint_every),
+                                     save_top_k=2, monitor="step", mode="max", save_last=False))
+    return instantiate(cfg.trainer, max_steps=schedule.total_steps, callbacks=callbacks, logger=_logger(cfg, run_dir),
+                       default_root_dir=str(run_dir), enable_checkpointing=True, use_distributed_sampler=False,
+                       enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=int(a.log_every),
+                       num_sanity_val_steps=0, max_epochs=-1, deterministic=cfg.get("deterministic", False))
+
+
+def build(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """:func:`validate`, :func:`prepare` and the trainer, without running (nor writing ``config.yaml``)."""
+    parts = prepare(cfg, run_dir, validate(cfg))
+    parts["trainer"] = make_trainer(cfg, run_dir, parts)
+    return parts
 
 
 def _step_delay(seconds: float) -> Any:
@@ -150,19 +261,21 @@ def _step_delay(seconds: float) -> Any:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
-    """Run (or resume) training in ``run_dir``; returns ``results.json``'s content on rank 0."""
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = find_checkpoint(run_dir) if cfg.get("resume") else None
-    if cfg.get("resume") and ckpt_path is None:
-        warnings.warn(f"resume={cfg.resume}: no readable checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-    if rank_from_env() == 0:
-        from acip.core.score_map import atomic_write
+    """Run (or, with ``resume``, continue) training in ``run_dir``; returns ``results.json``'s content on rank 0."""
+    from acip.core.io import atomic_write
 
+    run_dir = Path(run_dir).resolve()
+    rank0, resume = rank_from_env() == 0, bool(cfg.get("resume"))
+    if rank0 and not resume:
+        check_new_run_dir(run_dir)
+    parts = prepare(cfg, run_dir, validate(cfg))
+    ckpt_path = find_checkpoint(run_dir) if resume else None
+    if resume and ckpt_path is None:
+        warnings.warn(f"resume={cfg.resume}: no readable checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    if rank0:
         text = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-    parts = build(cfg, run_dir)
-    trainer = parts["trainer"]
+    trainer = make_trainer(cfg, run_dir, parts)
     try:
         trainer.fit(parts["module"], datamodule=parts["datamodule"], ckpt_path=str(ckpt_path) if ckpt_path else None)
     finally:  # close this run's W&B run, so that the next --multirun job starts its own

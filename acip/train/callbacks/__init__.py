@@ -1,8 +1,10 @@
-"""Callbacks of an ACIP run: each one idea, each tested on its own."""
+"""Callbacks of an ACIP run: they observe, the module runs the algorithm (:mod:`acip.train.module`).
+
+``Monitor`` (metrics), ``RunArtifacts`` (the run directory as one saved ACIPModel),
+``FinalEvaluation`` (held-out perplexity at the test ratios, plots).
+"""
+from .artifacts import RunArtifacts
 from .final_eval import FinalEvaluation
 from .monitor import Monitor
-from .schedule import RegularizationSchedule
-from .score_map import ScoreMapRecorder
-from .stopping import PostTuning, StopAtRatio
 
-__all__ = ["RegularizationSchedule", "StopAtRatio", "PostTuning", "ScoreMapRecorder", "Monitor", "FinalEvaluation"]
+__all__ = ["Monitor", "RunArtifacts", "FinalEvaluation"]

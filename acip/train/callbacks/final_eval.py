@@ -1,7 +1,8 @@
 """Final evaluation: held-out perplexity at the test ratios, ACIP vs the no-training baselines.
 
-For each test ratio rho: ``acip.export(score_map, rho)`` from the score map in memory (bound to
-the trained model, LoRA folded in); for a run with adapters also ``adapters=False`` (column
+For each test ratio rho: ``acip.export(pm, ratio=rho, score_map=module.score_map)`` from the
+trained model in memory (LoRA folded in; export never changes ``pm``); for a run with adapters
+also ``adapters=False`` (column
 ``acip_no_adapters``: the adapters are trained at the stop ratio and can hurt well above it); and
 the same for ``ScoreMap.from_singular_values`` on the *untrained* weights (exported with
 ``adapters=False``, which makes the factors exactly ``U_r, S_r V_r^T``). Optionally also the
@@ -14,7 +15,6 @@ ratio reported is the measured one of the exported model. Writes ``results.json`
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +24,7 @@ import torch
 
 from .. import plots
 
-__all__ = ["FinalEvaluation", "evaluate_score_maps", "format_table", "metric_key"]
+__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key"]
 
 
 def metric_key(method: str, ratio: float) -> str:
@@ -34,7 +34,7 @@ def metric_key(method: str, ratio: float) -> str:
 
 def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratios: Sequence[float],
                         pm: Any, log: Any = print) -> dict[str, Any]:
-    """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting each map at each ratio.
+    """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting ``pm`` with each map at each ratio.
 
     A value of ``score_maps`` is a ScoreMap, or ``(ScoreMap, export_kwargs)``, e.g.
     ``(sm, {"adapters": False})`` for the trained map exported without its adapters, or for an
@@ -51,7 +51,7 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
         ppl[method], measured[method], ranks[method] = {}, {}, {}
         for rho in ratios:
             t0 = time.perf_counter()
-            small = acip.export(sm, ratio=rho, model=pm, **kwargs)
+            small = acip.export(pm, ratio=rho, score_map=sm, **kwargs)
             ppl[method][rho] = perplexity(small, None, windows, progress=False)
             measured[method][rho] = float(small.config.acip_export["measured_ratio"])
             ranks[method][rho] = {n: e["rank"] for n, e in small.config.acip_layout.items()}  # as exported
@@ -61,32 +61,21 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratio
     return {"ppl": ppl, "measured_ratio": measured, "ranks": ranks}
 
 
-def format_table(ratios: Sequence[float], ppl: dict[str, dict[float, float]]) -> str:
-    """A markdown table ``ratio | <method> ppl | ...`` (pasteable into docs)."""
-    methods = list(ppl)
-    lines = ["| ratio | " + " | ".join(f"{m} ppl" for m in methods) + " |",
-             "|---:|" + "---:|" * len(methods)]
-    for rho in ratios:
-        cells = [f"{ppl[m][rho]:.2f}" if math.isfinite(ppl[m][rho]) else "inf" for m in methods]
-        lines.append(f"| {rho:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 class FinalEvaluation(pl.Callback):
     """Runs on rank 0 at the end of training (other ranks wait at a barrier)."""
 
-    def __init__(self, run_dir: str | Path, recorder: Any, tokenizer: Any, heldout_texts: Sequence[str],
+    def __init__(self, run_dir: str | Path, tokenizer: Any, heldout_texts: Sequence[str],
                  ratios: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4), seq_len: int = 256,
-                 max_windows: int | None = 40, baseline: bool = True, stopper: Any = None,
+                 max_windows: int | None = 40, baseline: bool = True,
                  extra: dict | None = None, calib_texts: Sequence[str] | None = None,
                  calib_windows: int = 0, no_adapters: bool = True) -> None:
-        from acip.core.score_map import check_ratio
+        from acip.core.size import check_ratio
 
-        self.run_dir, self.recorder, self.tokenizer = Path(run_dir), recorder, tokenizer
+        self.run_dir, self.tokenizer = Path(run_dir), tokenizer
         self.heldout_texts = list(heldout_texts)
-        self.ratios = sorted((check_ratio(r) for r in ratios), reverse=True)
+        self.ratios = sorted((check_ratio(r, "eval.ratios") for r in ratios), reverse=True)
         self.seq_len, self.max_windows, self.baseline = int(seq_len), max_windows, bool(baseline)
-        self.stopper, self.extra = stopper, dict(extra or {})
+        self.extra = dict(extra or {})
         if calib_windows < 0 or (calib_windows and not calib_texts):
             raise ValueError(f"calib_windows={calib_windows} needs calibration texts (the training text); "
                              f"pass calib_texts or set eval.activation_aware_windows=0")
@@ -107,14 +96,15 @@ class FinalEvaluation(pl.Callback):
     @torch.no_grad()
     def run(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
         from acip import ScoreMap
-        from acip.core.score_map import atomic_write
+        from acip.core.io import atomic_write
         from acip.eval.perplexity import token_windows
+        from acip.eval.sweep import format_table, plot_ratio_curves
 
         train_time = time.time() - self.t_start
         pm = pl_module.pm
         pm.eval()
         windows = token_windows(self.tokenizer, self.heldout_texts, self.seq_len, self.max_windows)
-        maps: dict[str, Any] = {"acip": self.recorder.ensure(pl_module)}
+        maps: dict[str, Any] = {"acip": pl_module.score_map}
         if self.no_adapters and pm.lora_parameters():  # the same map, the run's adapters left out
             maps["acip_no_adapters"] = (maps["acip"], {"adapters": False})
         if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
@@ -132,22 +122,23 @@ class FinalEvaluation(pl.Callback):
             for key in ev:
                 ev[key].update(ev_other[key])
         del extra_maps
-        st = self.stopper
+        st = pl_module.schedule
         results = {
             "ratios": self.ratios,
             "ppl": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["ppl"].items()},
             "measured_ratio": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["measured_ratio"].items()},
             "ranks": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["ranks"].items()},
-            "stop_ratio": getattr(st, "stop_ratio", None),
-            "reached_stop_ratio": getattr(st, "stop_step", None) is not None,
-            "stop_step": getattr(st, "stop_step", None),
+            "stop_ratio": st.stop_ratio,
+            "reached_stop_ratio": st.stop_step is not None,
+            "stop_step": st.stop_step,
+            "post_tune_steps": st.post_tune_done(trainer.global_step),
             "final_size_ratio": pm.size_ratio(),
             "global_step": int(trainer.global_step),
             "train_time_s": train_time,
             "eval_time_s": time.time() - t0,
             "eval": {"seq_len": self.seq_len, "windows": int(len(windows)), "tokens": int(windows.numel())},
             "world_size": trainer.world_size,
-            "score_map_digests": list(self.recorder.rank_digests),
+            "score_map_digests": list(pl_module.rank_digests),
             **self.extra,
         }
         atomic_write(self.run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
@@ -155,12 +146,12 @@ class FinalEvaluation(pl.Callback):
         sm = maps["acip"]
         names = list(sm.scores)
         pngs = {
-            "ratio_vs_ppl": plots.plot_ratio_vs_ppl(ev["ppl"], pdir / "ratio_vs_ppl.png"),
+            "ratio_vs_ppl": plot_ratio_curves(ev["ppl"], pdir / "ratio_vs_ppl.png"),
             "score_heatmap": plots.plot_score_heatmap(sm.scores, pdir / "score_heatmap.png"),
             "kept_ranks": plots.plot_kept_ranks(ev["ranks"]["acip"], {n: sm.scores[n].numel() for n in names},
                                                 pdir / "kept_ranks.png"),
         }
-        table = format_table(self.ratios, ev["ppl"])
+        table = format_table(ev["ppl"], ratios=self.ratios, suffix=" ppl")
         print("\n[acip] held-out perplexity by size ratio (target layers)\n" + table, flush=True)
         self.log_results(trainer, ev, pngs)
         return results
@@ -171,27 +162,25 @@ class FinalEvaluation(pl.Callback):
         import acip
         from acip import ScoreMap
 
-        return acip.export(ScoreMap.from_singular_values(pm), 1.0, model=pm, adapters=False)
+        return acip.export(pm, 1.0, score_map=ScoreMap.from_singular_values(pm), adapters=False)
 
     def plain_singular_values(self, pm: Any) -> tuple[Any, Any]:
         """(plain-SVD parametrized copy of the untrained model, its singular-value score map)."""
+        import acip
         from acip import ScoreMap
-        from acip.core.parametrize import parametrize_like
 
-        settings = {k: v for k, v in pm.settings().items() if k != "lora"}
-        plain = parametrize_like(self.untrained_dense(pm), settings, None)
+        plain = acip.parametrize(self.untrained_dense(pm), pm.acip_config.replace(basis="plain", lora=None))
         return plain, ScoreMap.from_singular_values(plain)
 
     def activation_aware(self, pm: Any) -> tuple[Any, Any]:
-        """(whitened parametrized copy of the untrained model, its singular-value score map)."""
+        """(whitened parametrized copy of the untrained model, its activation-aware score map)."""
         import acip
         from acip.eval.perplexity import token_windows
 
-        dense = self.untrained_dense(pm)
         calib = token_windows(self.tokenizer, self.calib_texts, self.seq_len, self.calib_windows)
-        sm = acip.activation_aware(dense, calib.split(4), target_modules=sorted(pm.svd_layers()),
-                                   svd_dtype=getattr(torch, pm.settings().get("svd_dtype", "float32")))
-        return sm.model, sm
+        white = acip.activation_aware(self.untrained_dense(pm), calib.split(4), target_modules=list(pm.svd_layers()),
+                                      svd_dtype=pm.acip_config.torch_svd_dtype)
+        return white, white.score_map
 
     def log_results(self, trainer: pl.Trainer, ev: dict[str, Any], pngs: dict[str, Path]) -> None:
         """Scalars to every logger; images and a table to W&B."""

@@ -20,7 +20,7 @@ __all__ = ["Monitor", "write_csv"]
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` (union of their keys as columns, first-seen order) atomically."""
-    from acip.core.score_map import atomic_write
+    from acip.core.io import atomic_write
 
     cols: list[str] = []
     for r in rows:
@@ -61,7 +61,7 @@ class Monitor(pl.Callback):
             "phase": pl_module.phase,
             "size_ratio": pl_module.pm.size_ratio(),
             "size_ratio_full": pl_module.pm.size_ratio(full=True),
-            "l1_weight": pl_module.l1_weight,
+            "l1_weight": last.get("l1_weight", pl_module.l1_weight),  # the weight this step used
             "task_loss": task,
             "l1_loss": l1,
             "step_time_s": dt,
