@@ -198,3 +198,24 @@ def test_export_quantize_lossless_codes_the_low_rank_factors(tmp_path: Path) -> 
     ref = _logits(bf)
     quant.quantize_(bf, "lossless")
     assert torch.equal(_logits(bf), ref) and quant.report(bf).total["bits"] < 12
+
+
+def test_constant_weight_has_an_empty_stream_and_round_trips(tmp_path: Path) -> None:
+    model = _cast(tiny_model("llama"), torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.fill_(0.5)  # one exponent value: nothing to code
+    ref = _logits(model)
+    quant.quantize_(model, "lossless")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.exp_stream.numel() == 0 and torch.equal(layer.decode(), torch.full((64, 64), 0.5, dtype=torch.bfloat16))
+    model.save_pretrained(tmp_path / "c")
+    assert torch.equal(_logits(acip.load(tmp_path / "c")), ref)
+
+
+def test_loaded_layers_decode_together_on_first_use(tmp_path: Path) -> None:
+    quant.quantize_(_cast(tiny_model("llama"), torch.bfloat16), "lossless").save_pretrained(tmp_path / "l")
+    again = acip.load(tmp_path / "l")
+    layers = list(_lossless(again).values())
+    assert len(layers) == 14 and all(m._weight is None for m in layers)  # nothing decoded at load time
+    _ = layers[3].weight
+    assert all(m._weight is not None for m in layers)  # one batched rANS call decoded every pending layer

@@ -129,17 +129,23 @@ def _raw_bytes(n: int, raw_bits: int) -> int:
 
 def split_float(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``(exponents uint8 of w's shape, raw uint8 planes)`` of a bf16/fp16/fp32 tensor (see module docstring)."""
-    total, e_bits, m_bits = _layout_of(w.dtype, name)
-    bits = w.detach().cpu().contiguous().view(_INT_VIEW[total]).to(torch.int64) & ((1 << total) - 1)
-    flat = bits.reshape(-1)
-    exp = ((flat >> m_bits) & ((1 << e_bits) - 1)).to(torch.uint8).reshape(w.shape)
-    rest = ((flat >> (total - 1)) << m_bits) | (flat & ((1 << m_bits) - 1))  # sign | mantissa, R bits
-    r_bits = 1 + m_bits
-    parts = [((rest >> (8 * j)) & 0xFF).to(torch.uint8) for j in range(r_bits // 8)]
-    hi = rest >> (8 * (r_bits // 8))
-    for k in range(r_bits % 8):
-        plane = ((hi >> k) & 1).to(torch.uint8).numpy()
-        parts.append(torch.from_numpy(np.packbits(plane, bitorder="little")))
+    total, _e_bits, m_bits = _layout_of(w.dtype, name)
+    b = w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).reshape(-1, total // 8)
+    cols = [b[:, j] for j in range(total // 8)]  # bytes of the word, low first
+    if sys.byteorder == "big":
+        cols = cols[::-1]
+    hi = cols[-1]
+    if (1 + m_bits) % 8:  # float16: exponent = bits 14..10; mantissa 8, 9 and the sign go to packed bit planes
+        exp = (hi >> 2) & 0x1F
+        top = ((hi >> 5) & 4) | (hi & 3)
+        parts = [cols[0].contiguous()]
+        for k in range(3):
+            parts.append(torch.from_numpy(np.packbits(((top >> k) & 1).numpy(), bitorder="little")))
+    else:  # bfloat16 / float32: exponent = the top byte's low 7 bits and the next byte's bit 7
+        nxt = cols[-2]
+        exp = (hi << 1) | (nxt >> 7)
+        parts = [c.contiguous() for c in cols[:-2]] + [(hi & 0x80) | (nxt & 0x7F)]
+    exp = exp.reshape(w.shape)
     raw = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
     return exp, raw
 
