@@ -84,6 +84,9 @@ def test_whitened_run_reloads_in_its_own_basis_in_a_fresh_process(base_dir, tmp_
     assert basis == "activation_aware"
     assert (pruned - expect_pruned).abs().max() <= 1e-5
     assert (exported - expect_export).abs().max() <= 1e-5
+    _flip(run / "acip_basis.safetensors", f"{pm.acip_config.layers[0]}.whitening", n=8)
+    with pytest.raises(ChecksumError, match="whitening"):
+        acip.load(run)
 
 
 def test_save_factors_and_basis_check(base_dir, tmp_path, tokens):

@@ -30,6 +30,7 @@ __all__ = ["ACIPModel", "parametrize", "NoTargetLayersError", "BasisMismatchErro
 
 CONFIG_FILE = "acip_config.json"
 STATE_FILE = "acip_state.safetensors"
+BASIS_FILE = "acip_basis.safetensors"
 SCORE_MAP_FILE = "score_map.safetensors"
 STATE_FORMAT = "acip.model/1"
 _OVERRIDES = ("target_modules", "exclude_modules", "mask_scaling", "lora", "svd_dtype")
@@ -70,6 +71,7 @@ class ACIPModel(nn.Module):
         self.acip_config = config
         self.basis = basis
         self.score_map: ScoreMap | None = None
+        self._basis_written: tuple | None = None  # (file identity, digest) of the last basis file written
 
     # ------------------------------------------------------------------ behave like the model
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -169,9 +171,10 @@ class ACIPModel(nn.Module):
         """Write this parametrized model's own description into directory ``path``.
 
         ``acip_state.safetensors`` is the one file that commits a save (written atomically, every
-        tensor and the header under sha256): the config, masks, LoRA factors, the basis
-        (whitening factors, for the activation-aware basis), a sign-invariant fingerprint of
-        every layer's SVD and the score map's scores. ``acip_config.json`` (readable copy of the
+        tensor and the header under sha256): the config, masks, LoRA factors, a sign-invariant
+        fingerprint of every layer's SVD and the score map's scores. The activation-aware basis
+        (whitening factors, the largest part) goes to ``acip_basis.safetensors`` first, once per
+        directory and process; the state records its ``basis_id``. ``acip_config.json`` (readable copy of the
         config) and ``score_map.safetensors`` (the map on its own) are written beside it.
         ``save_factors=True`` also stores ``ortho`` and ``base``, so a load elsewhere does not
         depend on the SVD coming out the same. Other files in ``path`` are left alone (a run
@@ -182,11 +185,10 @@ class ACIPModel(nn.Module):
         from .._version import __version__
 
         tensors = dict(self.adapter_state())
+        basis_id = None if self.basis is None else self._save_basis(path / BASIS_FILE)
         for n, l in self.svd_layers().items():
             tensors[f"{n}.singular_values"] = l.singular_values.detach().float().cpu()
             tensors[f"{n}.fingerprint"] = _fingerprint(l)
-            if self.basis is not None:
-                tensors[f"{n}.whitening"] = self.basis[n].detach().cpu()
             if save_factors:
                 tensors[f"{n}.ortho"], tensors[f"{n}.base"] = l.ortho.detach().cpu(), l.base.detach().cpu()
         sm = self.score_map
@@ -196,7 +198,7 @@ class ACIPModel(nn.Module):
         cfg_json = self.acip_config.to_json()
         meta = {
             "format": STATE_FORMAT, "acip_version": __version__, "save_id": uuid.uuid4().hex,
-            "config": cfg_json, "save_factors": json.dumps(bool(save_factors)),
+            "config": cfg_json, "save_factors": json.dumps(bool(save_factors)), "basis_id": json.dumps(basis_id),
             "score_map": json.dumps(None if sm is None else {"method": sm.method, "stop_ratio": sm.stop_ratio,
                                                              "meta": sm.meta}),
         }
@@ -249,7 +251,9 @@ class ACIPModel(nn.Module):
                 raise ValueError(f"{str(path)!r} was saved from a model object, so its base model is unknown: "
                                  f"pass it, ACIPModel.from_pretrained(path, model=base_model)")
             model, _ = load_base(config.source.model, dtype=dtype or getattr(torch, config.source.dtype))
-        basis = {n: state[f"{n}.whitening"] for n in layers} if config.basis == "activation_aware" else None
+        basis = None
+        if config.basis == "activation_aware":
+            basis = _load_basis(path / BASIS_FILE, json.loads(meta.get("basis_id", "null")), layers, verify)
         factors = None
         if json.loads(meta.get("save_factors", "false")):
             factors = {n: (state[f"{n}.ortho"], state[f"{n}.base"], state[f"{n}.singular_values"]) for n in layers}
@@ -263,6 +267,21 @@ class ACIPModel(nn.Module):
             pm.score_map = ScoreMap._from_layers(pm, scores, sm_meta["method"], stop_ratio=sm_meta["stop_ratio"],
                                                  meta=sm_meta["meta"])
         return pm
+
+    def _save_basis(self, file: Path) -> str:
+        """Write the whitening factors to their own file once; later saves into the same directory
+        reuse it while it is unchanged (it is the largest part of a run's state). Returns the
+        file's ``basis_id`` (in its sha256-covered header), which the state file records."""
+        if file.is_file() and self._basis_written is not None:
+            st = file.stat()
+            if self._basis_written[0] == (str(file.resolve()), st.st_size, st.st_mtime_ns):
+                return self._basis_written[1]
+        basis_id = uuid.uuid4().hex
+        save_tensors(file, {f"{n}.whitening": t for n, t in self.basis.items()},
+                     {"format": STATE_FORMAT, "basis_id": basis_id})
+        st = file.stat()
+        self._basis_written = ((str(file.resolve()), st.st_size, st.st_mtime_ns), basis_id)
+        return basis_id
 
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, torch.Tensor], where: str = "state") -> None:
@@ -280,6 +299,18 @@ class ACIPModel(nn.Module):
                     raise ArtifactError(f"{where}: {key} has shape {tuple(state[key].shape)}, the model "
                                         f"{tuple(dst.shape)}")
                 dst.copy_(state[key])
+
+
+def _load_basis(file: Path, want: str | None, layers: list[str], verify: bool) -> dict[str, torch.Tensor]:
+    """The whitening factors of an activation-aware basis, checked against the state file's record."""
+    tensors, meta = read_tensors(file, verify=verify, what="activation-aware basis (whitening factors)")
+    if want is not None and meta.get("basis_id") != want:
+        raise ArtifactError(f"{str(file)!r} is not the basis this state was saved with (another save replaced it); "
+                            f"restore the run directory from a copy")
+    missing = [n for n in layers if f"{n}.whitening" not in tensors]
+    if missing:
+        raise ArtifactError(f"{str(file)!r} has no whitening factors for layers {missing[:3]}")
+    return {n: tensors[f"{n}.whitening"] for n in layers}
 
 
 def _check_basis(pm: ACIPModel, state: dict, where: Any, tol: float) -> None:
