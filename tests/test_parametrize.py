@@ -113,3 +113,22 @@ def test_adapters_roundtrip(tiny_llama, tmp_path, tokens):
     pm2 = acip.ACIPModel.from_pretrained(tmp_path / "ad", model=base)
     assert pm2.acip_config == pm.acip_config and pm2.score_map is None
     assert torch.allclose(pm(input_ids=tokens).logits, pm2(input_ids=tokens).logits, atol=1e-6)
+
+
+def test_dense_view_is_the_uncompressed_model_without_gradient(tiny_llama, tokens):
+    """The teacher of distillation: inside dense_view() the parametrized model computes the base model,
+    whatever its masks, pruning and adapters; outside it, the student is unchanged."""
+    import copy
+
+    ref = copy.deepcopy(tiny_llama)(input_ids=tokens).logits
+    pm = acip.parametrize(tiny_llama, lora={"r": 2})
+    with torch.no_grad():
+        for l in pm.svd_layers().values():
+            l.mask[::2] = -1
+            l.lora_B.normal_()
+    student = pm(input_ids=tokens).logits
+    with pm.dense_view():
+        teacher = pm(input_ids=tokens).logits
+    assert torch.allclose(teacher, ref, atol=1e-5) and not teacher.requires_grad
+    assert not torch.allclose(student, ref, atol=1e-2)
+    assert torch.equal(pm(input_ids=tokens).logits, student)

@@ -9,11 +9,12 @@ exactly that model from its base model, nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -155,6 +156,23 @@ class ACIPModel(nn.Module):
     def unprune(self) -> None:
         for l in self.svd_layers().values():
             l.keep = None
+
+    @contextlib.contextmanager
+    def dense_view(self) -> Iterator["ACIPModel"]:
+        """Inside the block the model computes the *uncompressed* base model: every layer is
+        ``c * ortho @ base = W`` (all directions, masks and adapters ignored, no gradient).
+
+        This is the teacher of a distillation objective without a second copy of the weights.
+        """
+        layers = list(self.svd_layers().values())
+        before = [l.dense_view for l in layers]
+        for l in layers:
+            l.dense_view = True
+        try:
+            yield self
+        finally:
+            for l, b in zip(layers, before):
+                l.dense_view = b
 
     # ------------------------------------------------------------------ adapters and persistence
     def adapter_state(self) -> dict[str, torch.Tensor]:

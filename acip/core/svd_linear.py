@@ -93,6 +93,7 @@ class SVDLinear(nn.Module):
         self.register_buffer("singular_values", sv.detach().float().clone())
         self.mask = nn.Parameter(torch.full((k,), self.mask_scaling, dtype=torch.float32))
         self.keep: torch.Tensor | None = None
+        self.dense_view = False  # True: forward is the original dense layer (see ACIPModel.dense_view)
         self.whitened = False  # True when base = S V^T L^{-1} (V^T L^{-1} not orthonormal)
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
@@ -187,6 +188,10 @@ class SVDLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_view:  # the uncompressed layer W x + b: every direction, no adapter, no gradient
+            with torch.no_grad():
+                return nn.functional.linear(nn.functional.linear(x, self.base) * self.mask_scaling, self.ortho,
+                                            self.bias)
         gate = straight_through_mask(self.mask, self.mask_scaling)
         act = self.active()
         n_act = int(act.sum())
