@@ -349,6 +349,7 @@ def _check_basis(pm: ACIPModel, state: dict, where: Any, tol: float) -> None:
 def parametrize(
     model: nn.Module,
     config: ACIPConfig | None = None,
+    device: torch.device | str | None = None,
     *,
     whitening: dict[str, torch.Tensor] | None = None,
     _factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
@@ -366,6 +367,17 @@ def parametrize(
     are frozen, the masks (and LoRA factors) are trainable. Outputs are unchanged up to the SVD's
     round-off (relative error ~1e-7 in fp32). A config with resolved ``layers`` must select exactly
     those layers in ``model`` (else an error names the differences).
+
+    One layer at a time, on ``device`` (default: where each layer is): the layer's weight is moved
+    there, factorised in float32 (float64 when ``config.svd_dtype == "float64"``, the default),
+    the factors are stored in the model's dtype (bf16 stays bf16; masks and singular values are
+    float32) and the dense layer is dropped before the next one, so peak memory is the
+    parametrized model plus one layer's SVD workspace. With ``device`` given, the rest of the
+    model (embeddings, norms) is moved there at the end, so the result lives wholly on
+    ``device``; a model loaded on the host and parametrized with ``device="cuda"`` never holds
+    more than one dense layer on the GPU besides the factors. On the host, freed workspace is
+    handed back to the OS after every layer (glibc ``malloc_trim``), and the pages of a dense
+    weight that was memory-mapped from a safetensors file are released once nothing refers to it.
     """
     from tqdm.auto import tqdm
 
@@ -403,15 +415,118 @@ def parametrize(
                          f"calibrate with the same targets")
     for p in model.parameters():
         p.requires_grad_(False)
+    dev = None if device is None else torch.device(device)
+    release = _HostRelease(model)
     for name in tqdm(names, desc="SVD", disable=len(names) < 50, leave=False):
         old = model.get_submodule(name)
+        watch = release.watch(old)
+        if dev is not None:  # the dense layer goes to the device first (then dropped there)
+            old.to(dev)
         if _factors is not None:
             layer = SVDLinear.from_factors(old, *_factors[name], mask_scaling=cfg.mask_scaling)
         else:
             lw = None if whitening is None else whitening[name]
-            layer = SVDLinear.from_linear(old, cfg.mask_scaling, cfg.torch_svd_dtype, whitening=lw)
+            layer = SVDLinear.from_linear(old, cfg.mask_scaling, cfg.torch_svd_dtype, whitening=lw, device=dev)
         layer.whitened = whitening is not None
         if cfg.lora is not None:
             layer.add_lora(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout)
         replace_module(model, name, layer)
+        del old, layer  # the dense weight is freed here unless the caller still holds it
+        release.after_layer(watch)
+    release.close()
+    if dev is not None:
+        model.to(dev)
     return ACIPModel(model, cfg.replace(layers=tuple(names)), whitening)
+
+
+class _HostRelease:
+    """Hand host memory back to the OS while :func:`parametrize` walks the layers (Linux/glibc only).
+
+    Two things kept the host's resident memory near twice the model before: glibc keeps the freed
+    SVD workspaces of one layer to serve the next (``malloc_trim(0)`` returns them), and a model
+    loaded from safetensors lives in one private memory map of the file whose pages stay resident
+    (and counted) after their tensor is freed, for as long as any other tensor of the file is alive.
+    For a dense weight whose storage has died (checked with a storage weak reference) and whose
+    whole pages lie inside such a file mapping, overlapping no live tensor of the model,
+    ``madvise(MADV_DONTNEED)`` drops those pages (a private file page dropped reads back as the
+    file's bytes, never as another allocation's). One live tensor of each mapping is held for the
+    duration, so no mapping can be unmapped (and its addresses reused) between the check and the
+    call. Elsewhere (other OS, no glibc, GPU weights) every step is a no-op.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.libc = None
+        self.maps: list[tuple[int, int]] = []
+        self.keep: list[torch.Tensor] = []
+        self.model = model
+        try:
+            import ctypes
+            import ctypes.util
+
+            if os.name == "posix" and os.path.exists("/proc/self/maps"):
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                if hasattr(libc, "madvise") and hasattr(libc, "malloc_trim"):
+                    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                    self.libc = libc
+        except (OSError, AttributeError):
+            self.libc = None
+        if self.libc is None:
+            return
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split()
+                    # start-end perms offset dev inode path: a private mapping of a real file
+                    if len(parts) >= 6 and parts[1][3] == "p" and parts[4] != "0" and not parts[5].startswith("["):
+                        a, b = (int(x, 16) for x in parts[0].split("-"))
+                        self.maps.append((a, b))
+        except OSError:
+            self.maps = []
+        for t in self._tensors():  # one live tensor per mapping keeps that mapping alive
+            m = self._mapping(t.data_ptr())
+            if m is not None and all(self._mapping(k.data_ptr()) != m for k in self.keep):
+                self.keep.append(t)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in list(self.model.parameters()) + list(self.model.buffers())
+                if t.device.type == "cpu" and t.numel()]
+
+    def _mapping(self, ptr: int) -> tuple[int, int] | None:
+        for a, b in self.maps:
+            if a <= ptr < b:
+                return a, b
+        return None
+
+    def watch(self, module: nn.Module) -> Any:
+        """A weak reference to the dense weight's storage, when its pages may be released later."""
+        w = getattr(module, "weight", None)
+        if self.libc is None or not self.maps or not isinstance(w, torch.Tensor) or w.device.type != "cpu":
+            return None
+        st = w.untyped_storage()
+        ptr, n = st.data_ptr(), st.nbytes()
+        m = self._mapping(ptr)
+        if m is None or ptr + n > m[1] or any(k.untyped_storage().data_ptr() == ptr for k in self.keep):
+            return None
+        return st._weak_ref(), ptr, n
+
+    def after_layer(self, watch: Any) -> None:
+        if self.libc is None:
+            return
+        if watch is not None:
+            ref, ptr, n = watch
+            try:
+                if torch.UntypedStorage._expired(ref):
+                    lo = -(-ptr // self.page) * self.page
+                    hi = (ptr + n) // self.page * self.page
+                    live = [(st.data_ptr(), st.data_ptr() + st.nbytes())
+                            for st in (t.untyped_storage() for t in self._tensors())]
+                    if hi > lo and not any(a < hi and b > lo for a, b in live):
+                        self.libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+            finally:
+                torch.UntypedStorage._free_weak_ref(ref)
+        self.libc.malloc_trim(0)
+
+    def close(self) -> None:
+        self.keep.clear()

@@ -108,30 +108,44 @@ class SVDLinear(nn.Module):
         mask_scaling: float = 2e-2,
         svd_dtype: torch.dtype = torch.float64,
         whitening: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> "SVDLinear":
         """Factorise a dense layer exactly: ``ortho = U / c``, ``base = S V^T``.
 
-        The SVD runs in ``svd_dtype`` (float64 by default, so that the fp32 layer is reproduced
-        to ~1e-7 relative error) and the factors are stored in the layer's dtype. With a
+        The SVD runs on ``device`` (default: where the weight is) in ``svd_dtype``, never below
+        float32 (float64 by default, so that the fp32 layer is reproduced to ~1e-7 relative
+        error; a bf16/fp16 layer is factorised in float32 unless float64 is asked for). The factors
+        are stored in the layer's dtype on ``device``; the singular values stay float32. With a
         whitening factor ``L`` (in x in, lower triangular; see :mod:`acip.core.whiten`) the SVD is
-        of ``W L = U S V^T`` and ``base = S V^T L^{-1}``: still exactly ``W`` at full rank.
+        of ``W L = U S V^T`` and ``base = S V^T L^{-1}``: still exactly ``W`` at full rank. The
+        workspace (the weight in ``svd_dtype`` and ``U``, ``S``, ``V^T``) is one layer's and is
+        freed on return; ``module`` itself is not changed.
         """
         weight, bias = dense_weight_of(module)
-        if not torch.isfinite(weight).all():
-            raise ValueError("the weight holds NaN or inf values; cannot take its SVD")
+        dev = weight.device if device is None else torch.device(device)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        w = weight.to(svd_dtype)
+        work = torch.promote_types(svd_dtype, torch.float32)  # never an SVD in bf16/fp16
+        w = weight.to(device=dev, dtype=work)
+        if not torch.isfinite(w).all():
+            raise ValueError("the weight holds NaN or inf values; cannot take its SVD")
         if whitening is not None:
             if whitening.shape != (w.shape[1], w.shape[1]):
                 raise ValueError(f"whitening factor has shape {tuple(whitening.shape)}, expected {(w.shape[1],) * 2}")
-            lw = whitening.to(device=w.device, dtype=svd_dtype)
+            lw = whitening.to(device=dev, dtype=work)
             u, s, vh = torch.linalg.svd(w @ lw, full_matrices=False)
+            del w
             base = torch.linalg.solve_triangular(lw, s[:, None] * vh, upper=False, left=False)
+            del lw
         else:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            del w
             base = s[:, None] * vh
+        del vh
         ortho = (u / mask_scaling).to(dtype)
+        del u
         base = base.to(dtype)
+        if bias is not None:
+            bias = bias.to(dev)
         layer = cls(ortho, base, bias, mask_scaling, singular_values=s.float())
         layer.whitened = whitening is not None
         return layer
@@ -151,7 +165,10 @@ class SVDLinear(nn.Module):
         o, b = ortho.to(device=weight.device, dtype=weight.dtype), base.to(device=weight.device, dtype=weight.dtype)
         w = (o.double() * mask_scaling) @ b.double()
         err = ((w - weight.double()).norm() / weight.double().norm().clamp_min(1e-30)).item()
-        if err > 1e-3:
+        del w
+        # 16-bit factors carry their own rounding (bf16: 8 bits of mantissa), so they get a wider margin
+        tol = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 3e-2
+        if err > tol:
             raise ValueError(f"saved factors do not reproduce this layer's weight (relative error {err:.2e}): "
                              f"they belong to another base model")
         return cls(o, b, bias, mask_scaling, singular_values=singular_values.float())
@@ -200,7 +217,9 @@ class SVDLinear(nn.Module):
         else:  # compute only the active ranks (pruned ones have zero value and zero gradient)
             idx = act.nonzero().squeeze(1)
             base, ortho, gate = self.base.index_select(0, idx), self.ortho.index_select(1, idx), gate[idx]
-        h = nn.functional.linear(x, base) * gate.to(x.dtype)
+        h = nn.functional.linear(x, base)
+        # the gate (and so the mask's gradient) stays fp32: applied in fp32, cast back to h's dtype
+        h = h * gate if h.dtype == gate.dtype else (h.float() * gate).to(h.dtype)
         y = nn.functional.linear(h, ortho, self.bias)
         if self.lora_A is not None:
             y = y + self.lora_scaling * nn.functional.linear(
@@ -256,10 +275,11 @@ class SVDLinear(nn.Module):
             qb, rb = torch.linalg.qr(sb - u @ cb)
             qa, ra = torch.linalg.qr(at - v @ ca)
             l = sb.shape[1]
-            r1 = torch.cat([torch.cat([torch.eye(r, dtype=u.dtype), cb], 1),
-                            torch.cat([torch.zeros(l, r, dtype=u.dtype), rb], 1)], 0)
-            r2 = torch.cat([torch.cat([torch.diag(sv), ca], 1),
-                            torch.cat([torch.zeros(l, r, dtype=u.dtype), ra], 1)], 0)
+            kw = {"dtype": u.dtype, "device": u.device}
+            r1 = torch.cat([torch.cat([torch.eye(r, **kw), cb], 1),
+                            torch.cat([torch.zeros(l, r, **kw), rb], 1)], 0)
+            r2 = torch.cat([torch.cat([torch.diag(sv.to(u.device)), ca], 1),
+                            torch.cat([torch.zeros(l, r, **kw), ra], 1)], 0)
             p, s, qh = torch.linalg.svd(r1 @ r2.t(), full_matrices=False)
             ps = p[:, :r] * s[:r]
             up = u @ ps[:r] + qb @ ps[r:]
