@@ -11,7 +11,8 @@ exponent stream, then the bit-plane join), timed after a warm-up; ``rANS`` is th
 alone. ``--lossy`` adds the entropy quantizer at lam 14.5 (SmolLM2): its decode (codes +
 dequantize) over the same layers, for the speed next to the lossy mode.
 
-Usage: taskset -c 0 python scripts/bench_lossless.py [--models smollm2,minilm] [--lossy] [--json out.json]
+Usage: taskset -c 0 python scripts/bench_lossless.py [--models smollm2,minilm] [--lossy]
+       [--smollm2-dtypes bfloat16,float16] [--minilm-dtypes bfloat16,float32] [--json out.json]
 """
 from __future__ import annotations
 
@@ -156,19 +157,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="decode timings: best of N")
     ap.add_argument("--lossy", action="store_true", help="also time the lam=14.5 entropy quantizer's decode (SmolLM2)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smollm2-dtypes", default="bfloat16", help="comma-separated: bfloat16, float16, float32")
+    ap.add_argument("--minilm-dtypes", default="bfloat16,float32", help="comma-separated: bfloat16, float16, float32")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_header(("transformers", "safetensors", "acip")), flush=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = []
+    dtypes = lambda text: [getattr(torch, d.strip()) for d in text.split(",") if d.strip()]  # noqa: E731
     if "smollm2" in models:
-        model, _tok = acip.load_base("smollm2-135m", dtype=torch.bfloat16)
-        ids = {"input_ids": torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))}
-        rows.append(bench("SmolLM2-135M", model.eval(), ids, args.repeat, args.lossy))
-        del model
+        for dtype in dtypes(args.smollm2_dtypes):
+            model, _tok = acip.load_base("smollm2-135m", dtype=dtype)
+            ids = {"input_ids": torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))}
+            rows.append(bench("SmolLM2-135M", model.eval(), ids, args.repeat, args.lossy and dtype == torch.bfloat16))
+            del model
     if "minilm" in models:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes(args.minilm_dtypes):
             got = minilm(dtype)
             if got is None:
                 break
