@@ -129,7 +129,7 @@ def export(
     model: Any = None,
     score_map: ScoreMap | None = None,
     quantize: Any = None,
-    adapters: bool = True,
+    adapters: bool | str = "auto",
 ) -> nn.Module:
     """Export at size ``ratio`` (fraction of target-layer parameters) as a plain transformers model.
 
@@ -147,12 +147,24 @@ def export(
     layer is then untuned, so a layer stored dense keeps its full ``W``. The adapters were trained
     at the run's stop ratio; well above it they can hurt, most of all on text unlike the training
     data (docs/BENCHMARKS.md), and the run's ``results.json`` measures both.
+
+    ``adapters="auto"`` (the default) folds them in only at the ratios where the run measured them
+    to help on its validation split (recorded in ``score_map.meta["adapters_auto"]``; the nearest
+    measured ratio at or below ``ratio`` decides; no record: True if the model has trained
+    adapters). ``config.acip_export["adapters"]`` holds the flag used. See :mod:`acip.export.auto`.
     """
     from transformers.initialization import no_init_weights
 
+    if isinstance(adapters, str) and adapters == "auto":  # the run's recorded per-ratio choice (export/auto.py)
+        from .auto import decide_adapters
+
+        pm, score_map = resolve(source, model, score_map, adapters)
+        source, model = pm, None
+        adapters = decide_adapters(pm, score_map, ratio)
     ratio = check_ratio(ratio)
     if not isinstance(adapters, bool):
-        raise TypeError(f"adapters={adapters!r}: pass True (fold the run's LoRA adapters in) or False (leave them out)")
+        raise TypeError(f"adapters={adapters!r}: pass \"auto\" (the run's choice per ratio), True (fold the run's "
+                        f"LoRA adapters in) or False (leave them out)")
     pm, score_map = resolve(source, model, score_map, adapters)
     layers = pm.svd_layers()
     ranks = score_map.ranks_for(ratio, lift=pm.liftable_layers() if adapters else set(layers))
