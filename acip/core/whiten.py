@@ -38,6 +38,9 @@ def calibrate_whitening(
 
     ``batches`` yields ``input_ids`` tensors. ``damp`` adds ``damp * mean(diag)`` to the diagonal
     so that ``L`` exists even for rank-deficient activations.
+
+    Everything runs on the model's device (the ids are moved there, the Gram matrices and their
+    Cholesky factors stay there); the batches are consumed one at a time, never held as a list.
     """
     from tqdm.auto import tqdm
 
@@ -53,10 +56,12 @@ def calibrate_whitening(
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_hook(hook(n)))
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
     try:
         seen = 0
-        for ids in tqdm(list(batches), desc="calibration", leave=False):
-            model(input_ids=ids)
+        for ids in tqdm(batches, desc="calibration", leave=False):
+            model(input_ids=ids.to(device))
             seen += ids.numel()
     finally:
         for h in hooks:
@@ -65,7 +70,7 @@ def calibrate_whitening(
         raise ValueError("calibration saw no batches: pass at least one tensor of input_ids")
     out = {}
     for n, g in grams.items():
-        eye = torch.eye(g.shape[0], dtype=g.dtype)
+        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         g = g + damp * g.diagonal().mean().clamp_min(1e-12) * eye
         out[n] = torch.linalg.cholesky(g).float()
     return out
