@@ -1,12 +1,16 @@
 """``acip-export`` / ``python -m acip.export``: export a finished run at one ratio and save it.
 
     acip-export <run_dir> --ratio 0.6 [--quantize entropy --quantize-arg lam=14.5] [--no-adapters] [--out DIR]
+    acip-export <run_dir> --size-mb 40            (or --bits-per-param 3.0) [--calib-windows 8]
 
 The Hydra-style spelling of earlier versions (``run_dir=... ratio=0.6 quantize=entropy
 quantize.lam=14.5 adapters=false out=...``) is accepted too. The run directory holds the model's
 own description (:meth:`acip.ACIPModel.save_pretrained`); its base model is loaded once, and
 its tokenizer is saved next to the export. Default ``--out``: ``<run_dir>/export_r<100*ratio>``
-(plus ``-<quantize>``, plus ``-no-adapters``). Reload with ``acip.load(out)``.
+(plus ``-<quantize>``, plus ``-no-adapters``); with a byte budget ``export_mb<size>`` or
+``export_b<bits>``. A byte budget picks every layer's rank and quantizer rate (acip/export/budget.py);
+its cost model is cached in the run directory, so another budget takes seconds. Reload with
+``acip.load(out)``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from typing import Any, Sequence
 
 __all__ = ["main", "build_parser"]
 
-_LEGACY = {"ratio": "--ratio", "out": "--out", "quantize": "--quantize"}
+_LEGACY = {"ratio": "--ratio", "out": "--out", "quantize": "--quantize", "size_mb": "--size-mb",
+           "bits_per_param": "--bits-per-param"}
 
 
 def _ratio(text: str) -> float:
@@ -27,6 +32,16 @@ def _ratio(text: str) -> float:
         return check_ratio(float(text), "ratio")
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"invalid ratio {text!r}: {e}") from None
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -47,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="example: acip-export outputs/2026-12-01/10-00-00 --ratio 0.6 "
                                         "--quantize entropy --quantize-arg lam=14.5")
     ap.add_argument("run_dir", help="a run directory (or its score_map.safetensors)")
-    ap.add_argument("--ratio", type=_ratio, required=True, help="fraction of target-layer parameters to keep, in (0, 1]")
+    size = ap.add_mutually_exclusive_group(required=True)
+    size.add_argument("--ratio", type=_ratio, help="fraction of target-layer parameters to keep, in (0, 1]")
+    size.add_argument("--size-mb", type=_positive, metavar="MB",
+                      help="byte budget of the target layers in MB (10^6 bytes): ranks and quantizer rates are "
+                           "chosen per layer to fit it (never above, within 3%%)")
+    size.add_argument("--bits-per-param", type=_positive, metavar="BITS",
+                      help="byte budget as bits per target-layer parameter (e.g. 3.0)")
+    ap.add_argument("--calib-windows", type=int, default=0, metavar="N",
+                    help="with a byte budget: measure per-layer sensitivities on N windows of 128 tokens of the "
+                         "KJV training split (default 0: data-free cost model)")
     ap.add_argument("--quantize", choices=["entropy", "nf4"], default=None, help="hand the factors to a quantizer")
     ap.add_argument("--quantize-arg", type=_kv, action="append", default=[], metavar="FIELD=VALUE",
                     help="a field of the quantizer's config, e.g. lam=14.5 (repeatable)")
@@ -85,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = ap.parse_args(_modernise(sys.argv[1:] if argv is None else argv))
     if args.quantize_arg and args.quantize is None:
         ap.error("--quantize-arg given without --quantize (e.g. --quantize entropy)")
+    budget = args.size_mb is not None or args.bits_per_param is not None
+    if budget and args.quantize is not None:
+        ap.error("a byte budget (--size-mb / --bits-per-param) chooses the quantizer rates itself: drop --quantize")
+    if args.calib_windows and not budget:
+        ap.error("--calib-windows goes with a byte budget (--size-mb or --bits-per-param)")
     import acip
     from acip.core.base import load_base
     from acip.core.config import ACIPConfig
@@ -115,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pm = ACIPModel.from_pretrained(run_dir, model=base)
     adapters = not args.no_adapters
     suffix = (f"-{args.quantize}" if quantize is not None else "") + ("" if adapters else "-no-adapters")
+    if budget:
+        return _export_budget(args, ap, run_dir, pm, tok, adapters)
     out = args.out or run_dir / f"export_r{int(round(100 * args.ratio))}{suffix}"
     model = acip.export(pm, args.ratio, quantize=quantize, adapters=adapters)
     rep = acip.size_report(model)
@@ -123,6 +154,36 @@ def main(argv: Sequence[str] | None = None) -> Path:
         tok.save_pretrained(out)
     print(f"[acip] exported {pm.score_map.method} score map at ratio {args.ratio}: measured target-layer ratio "
           f"{rep.target_ratio:.4f}, whole model {rep.full_ratio:.4f} -> {out}", flush=True)
+    return out
+
+
+def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_dir: Path, pm: Any, tok: Any,
+                   adapters: bool) -> Path:
+    """``--size-mb`` / ``--bits-per-param``: the byte-budget export, its cost model cached in ``run_dir``."""
+    from acip.export.budget import COST_FILE, BudgetError, export_budget
+
+    calib = None
+    if args.calib_windows:
+        if tok is None:
+            ap.error("--calib-windows needs the run's tokenizer (a base model named in its config)")
+        from acip.data import kjv_split
+        from acip.eval import token_windows
+
+        calib = [w[None] for w in token_windows(tok, kjv_split()[0], 128, args.calib_windows)]
+    name = f"mb{args.size_mb:g}" if args.size_mb is not None else f"b{args.bits_per_param:g}"
+    out = args.out or run_dir / (f"export_{name}" + ("" if adapters else "-no-adapters"))
+    try:
+        model = export_budget(pm, size_mb=args.size_mb, bits_per_param=args.bits_per_param, adapters=adapters,
+                              calib=calib, cache=run_dir / COST_FILE,
+                              progress=lambda line: print(f"[acip] {line}", flush=True))
+    except BudgetError as e:
+        ap.exit(2, f"acip-export: error: {e}\n")
+    model.save_pretrained(out)
+    if tok is not None:
+        tok.save_pretrained(out)
+    b = model.config.acip_export["budget"]
+    print(f"[acip] exported at a budget of {b['budget_bytes']} bytes: target layers store {b['stored_bytes']} bytes "
+          f"({b['bits_per_param']:.3f} bits per target parameter) -> {out}", flush=True)
     return out
 
 

@@ -124,12 +124,16 @@ def _layout_entry(layer: SVDLinear, rank: int) -> dict:
 @torch.no_grad()
 def export(
     source: Any,
-    ratio: float,
+    ratio: float | None = None,
     *,
     model: Any = None,
     score_map: ScoreMap | None = None,
     quantize: Any = None,
     adapters: bool | str = "auto",
+    size_mb: float | None = None,
+    bits_per_param: float | None = None,
+    calib: Any = None,
+    _ranks: dict[str, int] | None = None,
 ) -> nn.Module:
     """Export at size ``ratio`` (fraction of target-layer parameters) as a plain transformers model.
 
@@ -143,6 +147,10 @@ def export(
     one rank step of it. ``quantize`` optionally hands the result to ``acip.quant.quantize_``
     (a quantizer config, ``"entropy"`` or ``"nf4"``).
 
+    ``size_mb`` (10^6 bytes) or ``bits_per_param`` instead of ``ratio``: a byte budget for the target
+    layers; every layer's rank and quantizer rate are chosen jointly to fit it (never above, within
+    3%; :mod:`acip.export.budget`), ``calib`` optional token batches for its per-layer sensitivities.
+
     ``adapters=False`` exports the score map's truncation without the run's LoRA adapters: every
     layer is then untuned, so a layer stored dense keeps its full ``W``. The adapters were trained
     at the run's stop ratio; well above it they can hurt, most of all on text unlike the training
@@ -155,19 +163,31 @@ def export(
     """
     from transformers.initialization import no_init_weights
 
+    if size_mb is not None or bits_per_param is not None:  # byte budget: ranks and storage chosen jointly
+        if ratio is not None or quantize is not None:
+            raise TypeError("a byte budget (size_mb= / bits_per_param=) chooses ranks and quantizer rates itself: "
+                            "pass it without ratio= and quantize=")
+        from .budget import export_budget
+
+        return export_budget(source, size_mb=size_mb, bits_per_param=bits_per_param, model=model,
+                             score_map=score_map, adapters=adapters, calib=calib)
     if isinstance(adapters, str) and adapters == "auto":  # the run's recorded per-ratio choice (export/auto.py)
         from .auto import decide_adapters
 
         pm, score_map = resolve(source, model, score_map, adapters)
         source, model = pm, None
         adapters = decide_adapters(pm, score_map, ratio)
-    ratio = check_ratio(ratio)
+    if ratio is None and _ranks is None:
+        raise TypeError("export needs a size: ratio= (fraction of target-layer parameters), or a byte budget "
+                        "size_mb= / bits_per_param=")
+    ratio = None if _ranks is not None else check_ratio(ratio)
     if not isinstance(adapters, bool):
         raise TypeError(f"adapters={adapters!r}: pass \"auto\" (the run's choice per ratio), True (fold the run's "
                         f"LoRA adapters in) or False (leave them out)")
     pm, score_map = resolve(source, model, score_map, adapters)
     layers = pm.svd_layers()
-    ranks = score_map.ranks_for(ratio, lift=pm.liftable_layers() if adapters else set(layers))
+    ranks = (dict(_ranks) if _ranks is not None  # explicit per-layer ranks (the byte-budget path)
+             else score_map.ranks_for(ratio, lift=pm.liftable_layers() if adapters else set(layers)))
     keep = score_map.keep_indices(ranks)
     src = pm.model
     layout = {n: _layout_entry(l, ranks[n]) for n, l in layers.items()}

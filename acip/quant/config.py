@@ -6,11 +6,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["EntropyQuantConfig", "NF4Config", "config_from_dict", "FORMATS", "FALLBACKS", "BACKENDS"]
+__all__ = ["EntropyQuantConfig", "NF4Config", "config_from_dict", "FORMATS", "FALLBACKS", "BACKENDS", "ALLOCATIONS"]
 
 FORMATS = ("e4m3", "int8")
 FALLBACKS = ("absmax8", "raise", "keep")
 BACKENDS = ("auto", "torch", "constriction")
+ALLOCATIONS = ("uniform", "sensitivity")
 
 
 def _number(name: str, value: Any, *, lo: float, lo_open: bool = False, hint: str) -> float:
@@ -137,6 +138,11 @@ class EntropyQuantConfig:
         exclude_modules: never quantized; a regex string or a list of names/suffixes, as above.
         backend: ANS codec: "auto" (= "torch", our interleaved rANS), "torch" or
             "constriction" (the reference coder; needs that package).
+        allocation: "uniform" (default, data-free): every layer at ``lam``. "sensitivity": lam
+            varies by layer at the bytes uniform ``lam`` would take, from a per-layer cost model
+            (needs calibration batches: ``quantize_(model, cfg, calib=batches)``; see
+            ``acip.quant.optimize.plan_layer_lams``): layers whose error costs more loss get a
+            smaller lam (more bits).
     """
 
     lam: float = 14.5
@@ -153,6 +159,7 @@ class EntropyQuantConfig:
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
     backend: str = "auto"
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         self.lam = _number("lam", self.lam, lo=0.0, hint="use lam >= 0 (larger lam, fewer bits; e.g. 3.9, 14.5 or 58)")
@@ -171,9 +178,14 @@ class EntropyQuantConfig:
         self.target_modules = _targets("EntropyQuantConfig", "target_modules", self.target_modules)
         self.exclude_modules = _targets("EntropyQuantConfig", "exclude_modules", self.exclude_modules)
         self.backend = _choice("backend", self.backend, BACKENDS, "Use 'auto' unless you are comparing codecs.")
+        self.allocation = _choice("allocation", self.allocation, ALLOCATIONS,
+                                  "'uniform' is data-free; 'sensitivity' needs quantize_(model, cfg, calib=batches).")
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        d = _to_dict(self)
+        if d["allocation"] == "uniform":  # saved configs stay byte-identical to the uniform-only format
+            del d["allocation"]
+        return d
 
 
 @dataclass

@@ -26,14 +26,16 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from .config import EntropyQuantConfig
 from .formats import Format, code_values, entropy_bits, get_format
 
-__all__ = ["QuantResult", "quantize_weight", "absmax8", "dequantize", "OutlierError"]
+__all__ = ["QuantResult", "quantize_weight", "absmax8", "dequantize", "OutlierError", "BudgetError", "lower_hull",
+           "allocate_hulls", "calibration_batches", "calibration_loss", "measure_rates", "coded_size",
+           "plan_layer_lams", "LAM_LADDER"]
 
 T_MIN, T_MAX = -120, 120  # exponents are stored as int8
 
@@ -203,3 +205,254 @@ def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weigh
     if res.rel_error > cfg.max_rel_error:
         return fall(f"relative error {res.rel_error:.3f} > max_rel_error={cfg.max_rel_error:g}")
     return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-layer rate allocation: shared by EntropyQuantConfig(allocation="sensitivity") and the byte-budget
+# export (acip/export/budget.py). Each layer offers points (bytes, predicted damage); the solver keeps
+# each layer's lower convex hull and picks one point per layer under a byte budget.
+
+
+class BudgetError(ValueError):
+    """A byte budget that no setting reaches (below the smallest one)."""
+
+
+def lower_hull(nbytes: "np.ndarray", damage: "np.ndarray") -> "np.ndarray":
+    """Indices of the lower convex hull of the points ``(bytes, damage)``, by increasing bytes.
+
+    The first index is the cheapest point (least damage among equally cheap ones); along the hull
+    damage strictly falls and the damage saved per byte (the slope) falls too.
+    """
+    import numpy as np
+
+    order = np.lexsort((damage, nbytes))
+    b, d = nbytes[order], damage[order]
+    best = np.minimum.accumulate(d)
+    keep = np.ones(len(d), dtype=bool)
+    keep[1:] = d[1:] < best[:-1]  # Pareto: strictly less damage than every cheaper point
+    cand = order[keep]
+    hull: list[int] = []
+    for i in cand.tolist():
+        while len(hull) >= 2:
+            a, c = hull[-2], hull[-1]
+            # drop c when it lies on or above the chord a -> i
+            cross = (nbytes[c] - nbytes[a]) * (damage[i] - damage[a]) - (damage[c] - damage[a]) * (nbytes[i] - nbytes[a])
+            if cross <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return np.asarray(hull, dtype=np.int64)
+
+
+def allocate_hulls(points: "list[tuple[np.ndarray, np.ndarray]]", budget: float,
+                   hulls: "list[np.ndarray] | None" = None) -> list[int]:
+    """One point per layer minimising the summed damage with summed bytes <= ``budget``.
+
+    ``points[l] = (bytes, damage)`` arrays of layer ``l``. Lagrangian relaxation over each layer's
+    lower convex hull: for a multiplier ``mu`` every layer takes the hull point minimising
+    ``damage + mu * bytes``, i.e. every hull step whose damage saved per byte exceeds ``mu``. Sorting
+    all hull steps by that slope once gives every ``mu`` at once, so the bisection on ``mu`` is exact:
+    the longest prefix of the sorted steps that fits the budget. The budget left over is then filled
+    greedily (steepest remaining steps that still fit, each layer's steps in order), and what is
+    still left by the single off-hull move per round that saves the most damage. Returns, per
+    layer, the index into its points. Raises :class:`BudgetError` when even the cheapest points
+    together exceed ``budget``.
+    """
+    import numpy as np
+
+    hulls = hulls if hulls is not None else [lower_hull(b, d) for b, d in points]
+    base = float(sum(b[h[0]] for (b, _), h in zip(points, hulls)))
+    if budget < base:
+        raise BudgetError(f"budget {budget:.0f} bytes is below the smallest setting, {base:.0f} bytes")
+    gains, sizes, lay, pos = [], [], [], []
+    for l, ((b, d), h) in enumerate(zip(points, hulls)):
+        if len(h) < 2:
+            continue
+        db, dd = np.diff(b[h]), -np.diff(d[h])
+        gains.append(dd / np.maximum(db, 1e-12))
+        sizes.append(db)
+        lay.append(np.full(len(db), l, dtype=np.int64))
+        pos.append(np.arange(1, len(h), dtype=np.int64))
+    cur = np.zeros(len(points), dtype=np.int64)
+    if gains:
+        g, s, ly, ps = (np.concatenate(x) for x in (gains, sizes, lay, pos))
+        order = np.lexsort((ps, ly, -g))  # steepest first; a layer's steps stay in hull order
+        cum = base + np.cumsum(s[order])
+        n = int(np.searchsorted(cum, budget + 1e-9, side="right"))
+        for l, p in zip(ly[order[:n]].tolist(), ps[order[:n]].tolist()):
+            cur[l] = max(cur[l], p)
+        left = budget - (cum[n - 1] if n else base)
+        blocked = np.zeros(len(points), dtype=bool)
+        for i in order[n:].tolist():  # greedy fill of what the prefix leaves
+            l = int(ly[i])
+            if blocked[l] or ps[i] != cur[l] + 1:
+                continue
+            if s[i] <= left + 1e-9:
+                cur[l] += 1
+                left -= s[i]
+            else:
+                blocked[l] = True
+    else:
+        left = budget - base
+    pick = [int(h[c]) for h, c in zip(hulls, cur.tolist())]
+    for _ in range(len(points)):  # last, any point (hull or not) that fits what is left and saves the most
+        best = (0.0, -1, -1)
+        for l, (b, d) in enumerate(points):
+            ok = (b <= b[pick[l]] + left + 1e-9) & (d < d[pick[l]])
+            if ok.any():
+                i = int(np.flatnonzero(ok)[np.argmin(d[ok])])
+                if d[pick[l]] - d[i] > best[0]:
+                    best = (float(d[pick[l]] - d[i]), l, i)
+        if best[1] < 0:
+            break
+        _, l, i = best
+        left -= float(points[l][0][i] - points[l][0][pick[l]])
+        pick[l] = i
+    return pick
+
+
+def calibration_batches(calib: Any) -> "list[dict[str, torch.Tensor]]":
+    """Calibration data as a list of model keyword dicts with ``labels``.
+
+    ``calib``: a 2-D LongTensor of token ids (one batch), or a list of such tensors or of dicts
+    with ``input_ids`` (and optionally ``attention_mask`` / ``labels``)."""
+    if isinstance(calib, torch.Tensor):
+        calib = [calib]
+    if isinstance(calib, dict):
+        calib = [calib]
+    out = []
+    for i, b in enumerate(list(calib or [])):
+        if isinstance(b, torch.Tensor):
+            b = {"input_ids": b}
+        if not isinstance(b, dict) or not isinstance(b.get("input_ids"), torch.Tensor):
+            raise TypeError(f"calibration batch {i}: expected a LongTensor of token ids (batch x seq) or a dict with "
+                            f"'input_ids', got {type(b).__name__}; e.g. acip.eval.token_windows(tok, texts, 128, 8)")
+        ids = b["input_ids"]
+        ids = ids[None] if ids.dim() == 1 else ids
+        out.append({**b, "input_ids": ids, "labels": b.get("labels", ids)})
+    if not out:
+        raise ValueError("calibration needs at least one batch of token ids (calib=...)")
+    return out
+
+
+@torch.no_grad()
+def calibration_loss(model: "torch.nn.Module", batches: "list[dict[str, torch.Tensor]]") -> float:
+    """Mean language-model loss of ``model`` over ``batches`` (from :func:`calibration_batches`)."""
+    dev = next(model.parameters()).device
+    total = 0.0
+    for b in batches:
+        total += float(model(**{k: v.to(dev) for k, v in b.items()}).loss)
+    return total / len(batches)
+
+
+def coded_size(codes: torch.Tensor) -> tuple[float, float]:
+    """What ``encode_codes`` would store for ``codes``, without coding them: ``(bits per code, fixed bytes)``.
+
+    The rANS payload is the cross-entropy of the codes under the quantized frequency table plus
+    about 3 bytes per stream of ``SYMBOLS_PER_STREAM`` codes (measured: 2.3-3.5); fixed = the packed
+    table (32-byte bitmap + 2 bytes per used symbol) + sha256 + one stream's flush."""
+    import numpy as np
+
+    from . import rans
+
+    sym = codes.detach().cpu().reshape(-1).numpy()
+    hist = np.bincount(sym, minlength=256)
+    used = hist > 0
+    if int(used.sum()) <= 1:
+        return 0.0, float(32 + 2 * int(used.sum()) + 32)
+    f = np.asarray(rans.quantize_freqs(hist), dtype=np.float64)
+    ce = float((hist[used] * (rans.PROB_BITS - np.log2(f[used]))).sum()) / sym.size
+    return ce + 8.0 * 4 / rans.SYMBOLS_PER_STREAM, float(32 + 2 * int(used.sum()) + 32 + 4)
+
+
+@torch.no_grad()
+def measure_rates(W: torch.Tensor, lams: "tuple[float, ...] | list[float]", rows: int = 256, seed: int = 0,
+                  name: str = "weight", base: EntropyQuantConfig | None = None) -> dict[str, list[float]]:
+    """The entropy quantizer's rate and error on ``W`` at each ``lam``, measured on at most ``rows`` rows.
+
+    Rows are independent in the objective (per-row scales), so a random subset of rows gives the
+    bits per code and the relative error of the whole matrix up to sampling noise. Returns lists
+    (one entry per lam): ``eps`` = ``||W - What||_F^2 / ||W||_F^2``, ``bits`` = coded stream bits per
+    weight, ``fixed`` = frequency table + sha256 bytes (once per matrix), ``row_bytes`` = scale
+    bytes per row (1 for int8 exponents, 4 for an absmax8 fallback).
+    """
+    W = W.detach().float()
+    if W.shape[0] > rows:
+        idx = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(seed))[:rows].sort().values
+        W = W.index_select(0, idx)
+    norm = float(W.pow(2).sum()) or 1.0
+    out: dict[str, list[float]] = {"eps": [], "bits": [], "fixed": [], "row_bytes": []}
+    for lam in lams:
+        cfg = EntropyQuantConfig(**{**(base.to_dict() if base is not None else {}), "lam": float(lam),
+                                    "allocation": "uniform"})
+        res = quantize_weight(W, cfg, name)
+        if res is None:  # fallback="keep": stays a float weight
+            out["eps"].append(0.0)
+            out["bits"].append(8.0 * W.element_size())
+            out["fixed"].append(0.0)
+            out["row_bytes"].append(0.0)
+            continue
+        bits, fixed = coded_size(res.codes)
+        out["eps"].append(float((W - res.dequantize()).pow(2).sum()) / norm)
+        out["bits"].append(bits)
+        out["fixed"].append(fixed)
+        out["row_bytes"].append(float(res.scales.element_size()))
+    return out
+
+
+LAM_LADDER = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of cfg.lam a layer may take
+
+
+def plan_layer_lams(model: "torch.nn.Module", targets: "dict[str, torch.nn.Linear]", cfg: EntropyQuantConfig,
+                    calib: Any, rows: int = 128, ladder: "tuple[float, ...]" = LAM_LADDER) -> dict[str, float]:
+    """Per-layer lam for ``allocation="sensitivity"``, at the bytes uniform ``cfg.lam`` would take.
+
+    Cost model per layer ``l`` and candidate ``lam = cfg.lam * m`` (``m`` in ``ladder``)::
+
+        D_l(lam) = s_l * eps_l(lam),   s_l = 1/2 * sum_ij F_ij W_ij^2,   F = mean over batches of (dL/dW)^2
+
+    a second-order (empirical Fisher) prediction of the loss increase when every weight of the
+    layer gets a relative squared error ``eps_l(lam)`` (measured with :func:`measure_rates`, as are
+    the bytes). The allocation (:func:`allocate_hulls`) minimises ``sum_l D_l`` with the summed
+    bytes at most those of ``cfg.lam`` everywhere, so layers whose error costs more loss get a
+    smaller lam (more bits) and robust layers pay for it.
+    """
+    batches = calibration_batches(calib)
+    names = [n for n, lin in targets.items() if lin.weight.numel()]
+    weights = [targets[n].weight for n in names]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    was = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        dev = weights[0].device
+        with torch.enable_grad():
+            for b in batches:
+                loss = model(**{k: v.to(dev) for k, v in b.items()}).loss
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                for f, g in zip(fisher, grads):
+                    if g is not None:
+                        f += g.detach().float().pow(2) / len(batches)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+        model.train(was)
+    import numpy as np
+
+    lams = [cfg.lam * m for m in ladder] if cfg.lam > 0 else [0.0]
+    base = lams.index(cfg.lam) if cfg.lam in lams else 0
+    points, budget = [], 0.0
+    for name, w, f in zip(names, weights, fisher):
+        sens = 0.5 * float((f * w.detach().float().pow(2)).sum())
+        got = measure_rates(w, lams, rows=rows, name=name, base=cfg)
+        out_f, n = w.shape[0], w.numel()
+        nbytes = np.array([b * n / 8 + fx + rb * out_f for b, fx, rb in zip(got["bits"], got["fixed"], got["row_bytes"])])
+        points.append((nbytes, sens * np.asarray(got["eps"])))
+        budget += float(nbytes[base])
+    pick = allocate_hulls(points, budget)
+    return {name: float(lams[i]) for name, i in zip(names, pick)}

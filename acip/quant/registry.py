@@ -150,19 +150,39 @@ def _check_weights(targets: Mapping[str, nn.Linear]) -> None:
                             f"or leave the layer out with exclude_modules=[{name!r}]")
 
 
+def _per_layer_configs(model: nn.Module, cfg: Any, targets: Mapping[str, nn.Linear], calib: Any) -> dict[str, Any]:
+    """``{name: config}`` where the config's allocation varies it by layer; empty for a uniform one."""
+    if getattr(cfg, "allocation", "uniform") != "sensitivity":
+        if calib is not None:
+            raise ValueError(f"calib= is used only by allocation='sensitivity'; {type(cfg).__name__} here is data-free "
+                             f"(pass EntropyQuantConfig(lam=..., allocation='sensitivity') to use the batches)")
+        return {}
+    if calib is None:
+        raise ValueError("allocation='sensitivity' needs calibration batches: quantize_(model, cfg, calib=batches), "
+                         "e.g. batches = acip.eval.token_windows(tok, acip.data.kjv_split()[0], 128, 8)")
+    from dataclasses import replace
+
+    from .optimize import plan_layer_lams
+
+    return {n: replace(cfg, lam=lam) for n, lam in plan_layer_lams(model, dict(targets), cfg, calib).items()}
+
+
 def _summary(new: nn.Module) -> str:
     describe = getattr(new, "describe", None)
     return describe() if callable(describe) else type(new).__name__
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], None] | None = None) -> nn.Module:
+def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], None] | None = None,
+              calib: Any = None) -> nn.Module:
     """Quantize the target linears of ``model`` in place with the quantizer of ``config``; return it.
 
     ``config``: a config object of a registered type (``EntropyQuantConfig``, ``NF4Config``, ...),
     an alias (``"entropy"``, ``"entquant"``, ``"nf4"``), a dict of fields (``{"lam": 14.5}``;
     ``"name"`` picks the alias, default ``"entropy"``) or None (``EntropyQuantConfig()``).
-    ``progress`` (e.g. ``print``) receives one line per target layer.
+    ``progress`` (e.g. ``print``) receives one line per target layer. ``calib``: calibration batches
+    (token ids) for a config with ``allocation="sensitivity"``, which then sets each layer's ``lam``
+    (``acip.quant.optimize.plan_layer_lams``); every other config is data-free and refuses it.
 
     Raises ``NoTargetLayersError`` when no layer is selected and ``TypeError`` for a target whose
     weight is not a float tensor, both before any layer changes.
@@ -171,6 +191,7 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
     handler = _handler_for(cfg)
     targets = target_linears(model, getattr(cfg, "target_modules", None), getattr(cfg, "exclude_modules", None))
     _check_weights(targets)
+    layer_cfg = _per_layer_configs(model, cfg, targets, calib)
     hf_config = getattr(model, "config", None)
     layout = dict(getattr(hf_config, LAYOUT_KEY, None) or {}) if hf_config is not None else None
     say = progress or (lambda _line: None)
@@ -181,7 +202,7 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
                     f"nothing to quantize")
                 continue
             t0 = time.perf_counter()
-            new = handler(lin, cfg, name)
+            new = handler(lin, layer_cfg.get(name, cfg), name)
             if new is None:
                 say(f"{name}: kept dense")
                 continue
@@ -195,4 +216,6 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
             setattr(hf_config, LAYOUT_KEY, layout)
             if callable(getattr(cfg, "to_dict", None)):
                 hf_config.acip_quant = cfg.to_dict()
+                if layer_cfg:
+                    hf_config.acip_quant["layer_lam"] = {n: c.lam for n, c in layer_cfg.items()}
     return model
