@@ -22,10 +22,27 @@ def test_run_directory_holds_every_artifact_and_results_beat_nothing():
     assert (run / "plots/ratio_vs_ppl.png").read_bytes()[:4] == b"\x89PNG"
     res = json.loads((run / "results.json").read_text())
     assert res["reached_stop_ratio"] and res["final_size_ratio"] <= 0.5
-    assert set(res["ppl"]) == {"acip", "acip_no_adapters", "singular_values", "activation_aware"}
+    assert set(res["ppl"]) == {"acip", "acip_adapters", "acip_no_adapters", "singular_values", "activation_aware"}
     # the trained map without its adapters: the same ranks budget, another model
     assert res["measured_ratio"]["acip_no_adapters"].keys() == res["measured_ratio"]["acip"].keys()
-    assert res["ppl"]["acip_no_adapters"] != res["ppl"]["acip"]
+    assert res["ppl"]["acip_no_adapters"] != res["ppl"]["acip_adapters"]
+    # adapters="auto": chosen per ratio on the validation split, recorded in the run's score map, and
+    # column acip is that choice on every domain
+    auto = res["adapters_auto"]
+    assert set(auto) == set(res["ppl"]["acip"]) and acip.ScoreMap.load(run / "score_map.safetensors").meta[
+        "adapters_auto"] == auto
+    for r, on in auto.items():
+        v = res["val_ppl"]
+        assert on == (v["acip_adapters"][r] < v["acip_no_adapters"][r])
+        for dom in res["domains"]:
+            cols = res["ppl_by_domain"][dom]
+            assert cols["acip"][r] == cols["acip_adapters" if on else "acip_no_adapters"][r]
+    assert res["domains"] == ["heldout", "pydoc", "python_source"] and res["primary_domain"] == "heldout"
+    assert res["ppl"] == res["ppl_by_domain"]["heldout"] and set(res["reference_ppl"]) == {"val", *res["domains"]}
+    assert res["val_ppl_mean"] == pytest.approx(
+        math.exp(sum(math.log(res["val_ppl"]["acip"][f"{r:g}"]) for r in res["ratios"] if r < 1)
+                 / sum(1 for r in res["ratios"] if r < 1)))
+    assert res["eval"]["val_texts"] + res["eval"]["heldout_texts"] == 200  # disjoint halves of the held-out split
     if "1" in res["ppl"]["acip"]:  # at full size both baselines are the untouched model
         assert res["ppl"]["activation_aware"]["1"] == pytest.approx(res["ppl"]["singular_values"]["1"], rel=1e-4)
     # the whitened basis orders directions differently: not a copy of the singular-value column
@@ -53,7 +70,7 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
     model = acip.load(out)
     assert acip.size_ratio(model) <= 0.6 and acip.size_ratio(model) > 0.5
     # same model as exporting the run directory in this process (fresh rebuild)
-    ref = acip.export(run, ratio=0.6)
+    ref = acip.export(run, ratio=0.6, adapters=model.config.acip_export["adapters"])  # the flag the CLI used
     ids = torch.randint(0, 200, (1, 12))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
@@ -163,7 +180,7 @@ def test_training_in_the_activation_aware_basis(tmp_path):
     res = json.loads((run / "results.json").read_text())
     # a whitened run's own untrained map is the activation-aware one (not evaluated twice); the
     # plain singular-value baseline comes from a plain parametrization of the untrained weights
-    assert set(res["ppl"]) == {"acip", "acip_no_adapters", "activation_aware", "singular_values"}
+    assert set(res["ppl"]) == {"acip", "acip_adapters", "acip_no_adapters", "activation_aware", "singular_values"}
     assert res["ppl"]["activation_aware"] != res["ppl"]["singular_values"]
     pm = acip.load(run)  # rebuilt in this process: base model + saved basis + masks + adapters
     assert pm.acip_config.basis == "activation_aware" and all(l.whitened for l in pm.svd_layers().values())

@@ -13,15 +13,21 @@ def test_offline_run_files_hold_the_metric_keys_images_and_table():
     assert len(runs) == 1, runs
     data = next(runs[0].glob("run-*.wandb")).read_bytes()
     for key in ("train/size_ratio", "train/task_loss", "train/l1_loss", "train/l1_weight", "train/step_time_s",
-                "train/tokens_per_s", "final/ppl_acip_r50", "final/ppl_acip_no_adapters_r50", "final/ppl_singular_values_r50", "plots/ratio_vs_ppl"):
+                "train/tokens_per_s", "final/ppl_acip_r50", "final/ppl_acip_no_adapters_r50", "final/ppl_singular_values_r50",
+                "plots/ratio_vs_ppl", "final/val_ppl_mean", "final/pydoc/ppl_acip_r50", "final/python_source/ppl_dense",
+                "final/heldout/ppl_acip_adapters_r50"):
         assert key.encode() in data, key
     assert b"rank/model.layers.0.self_attn.q_proj" in data
     images = {p.name.split("_")[0] for p in (runs[0] / "files/media/images/plots").glob("*.png")}
     assert {"ratio", "score", "kept"} <= images
     tables = list((runs[0] / "files/media/table/final").glob("results_*.table.json"))
     table = json.loads(tables[0].read_text())
-    assert table["columns"][:4] == ["ratio", "ppl_acip", "ppl_acip_no_adapters", "ppl_singular_values"]
-    assert len(table["data"]) == 5
+    assert table["columns"] == ["domain", "method", "ratio", "ppl", "x_dense", "measured_ratio", "adapters"]
+    res = json.loads((run / "results.json").read_text())
+    # every domain (and the validation split): a dense row, then each method at each ratio
+    n_methods = len(res["ppl"])
+    assert len(table["data"]) == (len(res["domains"]) + 1) * (1 + n_methods * len(res["ratios"]))
+    assert {row[0] for row in table["data"]} == {*res["domains"], "val"}
     # W&B's cache/data/config directories were kept inside the run directory
     assert (run / "wandb" / ".cache").is_dir() and (run / "wandb_run_id.txt").read_text().strip() in runs[0].name
 

@@ -16,9 +16,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_pretrained", "tiny_llama", "byte_tokenizer"]
+__all__ = ["load_pretrained", "tiny_llama", "byte_tokenizer", "model_dtype"]
 
 TINY_FORMAT = 1  # bump when tiny_llama builds another model from the same arguments
+
+
+def model_dtype(dtype: Any) -> torch.dtype:
+    """``model.dtype`` (``float32``, ``bfloat16``, ``float16``; ``torch.`` prefix allowed) as a torch dtype."""
+    name = str(dtype or "float32").replace("torch.", "")
+    torch_dtype = getattr(torch, name, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"model.dtype={dtype!r} is not a torch float dtype; use float32, bfloat16 or float16")
+    return torch_dtype
 
 
 def load_pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
@@ -30,10 +39,7 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[Any, Any]:
             "model.path is empty: pass a hub id or a local directory, e.g. "
             "model=hf model.path=/models/qwen2.5-0.5b"
         )
-    torch_dtype = getattr(torch, str(dtype or "float32"), None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"model.dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
-    return acip.load_base(str(path), dtype=torch_dtype)  # the saved source records the dtype
+    return acip.load_base(str(path), dtype=model_dtype(dtype))  # the saved source records the dtype
 
 
 def byte_tokenizer() -> Any:
@@ -60,8 +66,12 @@ def tiny_llama(
     num_key_value_heads: int = 2,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> tuple[Any, Any]:
     """A random Llama (seeded) with the byte tokenizer, cached as a local model directory.
+
+    The cached weights are fp32 (the same directory for every ``dtype``); ``dtype`` is the dtype
+    it is loaded in (``bfloat16`` for bf16 runs).
 
     The directory is a pure function of the arguments (and the transformers version): any process
     (DDP ranks included) builds the same one, published with one rename; a concurrent builder's
@@ -100,4 +110,4 @@ def tiny_llama(
             if not (target / "config.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    return acip.load_base(str(target))
+    return acip.load_base(str(target), dtype=model_dtype(dtype))

@@ -36,22 +36,57 @@ class ACIPModule(pl.LightningModule):
     """Holds the parametrized model ``pm`` (an :class:`acip.ACIPModel`), its score map and schedule."""
 
     def __init__(self, pm: Any, lr: float, lora_lr: float, weight_decay: float = 0.0,
-                 schedule: ACIPSchedule | None = None, meta: dict | None = None) -> None:
-        from acip import ScoreMap
-
+                 schedule: ACIPSchedule | None = None, meta: dict | None = None,
+                 build: Any = None) -> None:
+        """``pm`` is the parametrized model, or None with ``build``: a callable ``build(device) ->
+        ACIPModel`` that :meth:`configure_model` runs on the training device (after the strategy
+        has set it up), so every DDP rank / FSDP shard parametrizes on its own device."""
         super().__init__()
-        self.pm = pm
+        if pm is None and build is None:
+            raise TypeError("ACIPModule needs a parametrized model pm, or build(device) -> ACIPModel")
         self.lr, self.lora_lr, self.weight_decay = float(lr), float(lora_lr), float(weight_decay)
         self.schedule = schedule if schedule is not None else ACIPSchedule()
         self.l1_weight = self.schedule.l1_weight_at(0)
-        self.score_map = ScoreMap.from_masks(pm, method="acip", stop_ratio=self.schedule.stop_ratio, meta=meta)
+        self.meta, self.build_pm = meta, build
+        self.pm: Any = None
+        self.score_map: Any = None
         self.rank_digests: list[str] = []
         self.last: dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+        if pm is not None:
+            self.adopt(pm)
+
+    def adopt(self, pm: Any) -> None:
+        """Take ``pm`` as the model: a fresh score map from its masks; only masks and LoRA train."""
+        from acip import ScoreMap
+
+        self.pm = pm
+        self.score_map = ScoreMap.from_masks(pm, method="acip", stop_ratio=self.schedule.stop_ratio, meta=self.meta)
         for p in self.pm.parameters():
             p.requires_grad_(False)
         for p in self.trainable():
             p.requires_grad_(True)
+
+    def configure_model(self) -> None:
+        """Parametrize here (once): Lightning calls this hook after the strategy set up the device and
+        before checkpoint restore, DDP/FSDP wrapping and the optimizers."""
+        if self.pm is None:
+            device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self.adopt(self.build_pm(device))
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Module conversions (``trainer.precision=bf16-true`` casts the whole module) leave the masks and
+        the singular values (the saved basis fingerprint) fp32."""
+        pm = self._modules.get("pm")
+        layers = list(pm.svd_layers().values()) if pm is not None else []
+        before = [(l.mask.detach(), l.singular_values) for l in layers]  # the fp32 tensors, not bf16 round trips
+        out = super()._apply(fn, *args, **kwargs)
+        for l, (mask, sv) in zip(layers, before):
+            if l.mask.dtype != mask.dtype:
+                l.mask.data = mask.to(l.mask.device)
+            if l.singular_values.dtype != sv.dtype:
+                l.singular_values = sv.to(l.singular_values.device)
+        return out
 
     @property
     def phase(self) -> str:

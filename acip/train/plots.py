@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["plot_score_heatmap", "plot_kept_ranks"]
+__all__ = ["plot_score_heatmap", "plot_kept_ranks", "block_and_type", "MODULE_TYPES"]
 
 
 def _plt() -> Any:
@@ -58,16 +58,52 @@ def plot_score_heatmap(scores: Mapping[str, torch.Tensor], path: Path, bins: int
     return _save(fig, path)
 
 
+MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def block_and_type(name: str) -> tuple[int | None, str]:
+    """``("model.layers.3.self_attn.q_proj") -> (3, "q")``; other names: first number, last part."""
+    import re
+
+    parts = name.split(".")
+    block = next((int(p) for p in parts if p.isdigit()), None)
+    leaf = parts[-1]
+    short = re.sub(r"_proj$", "", leaf)
+    return block, short
+
+
 def plot_kept_ranks(ranks: Mapping[float, Mapping[str, int]], max_ranks: Mapping[str, int], path: Path) -> Path:
-    """Kept rank / max rank per layer (x = layer index), one line per test ratio."""
+    """Kept rank / full rank as a heatmap of blocks (rows) x module type (columns), one panel per ratio.
+
+    The module types are q/k/v/o/gate/up/down for Llama-like models (other names keep their last
+    part, ``_proj`` dropped); a layer outside numbered blocks gets its own row.
+    """
+    import numpy as np
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
     names = list(max_ranks)
-    for ratio in sorted(ranks, reverse=True):
-        ax.plot(range(len(names)), [ranks[ratio][n] / max_ranks[n] for n in names], marker=".", lw=1, label=f"{ratio:g}")
-    ax.set_xlabel("layer index (module order)")
-    ax.set_ylabel("kept rank / full rank")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(title="ratio", fontsize=7)
+    where = {n: block_and_type(n) for n in names}
+    types = [t for t in MODULE_TYPES if any(w[1] == t for w in where.values())]
+    types += sorted({w[1] for w in where.values()} - set(types))
+    blocks = sorted({w[0] for w in where.values() if w[0] is not None})
+    rows = [str(b) for b in blocks] + (["other"] if any(w[0] is None for w in where.values()) else [])
+    ratios = sorted(ranks, reverse=True)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(1.1 + 0.32 * len(types) * len(ratios) + 0.4 * len(ratios),
+                                                     1.4 + 0.16 * len(rows)), squeeze=False, sharey=True)
+    im = None
+    for ax, ratio in zip(axes[0], ratios):
+        grid = np.full((len(rows), len(types)), np.nan)
+        for n in names:
+            b, t = where[n]
+            i = rows.index("other" if b is None else str(b))
+            grid[i, types.index(t)] = ranks[ratio].get(n, 0) / max(1, max_ranks[n])
+        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(range(len(types)), types, fontsize=7, rotation=90)
+        ax.set_title(f"ratio {ratio:g}", fontsize=9)
+        ax.set_xticks(np.arange(-0.5, len(types)), minor=True)
+        ax.tick_params(which="minor", length=0)
+    axes[0][0].set_ylabel("block")
+    step = max(1, len(rows) // 16)
+    axes[0][0].set_yticks(range(0, len(rows), step), rows[::step], fontsize=7)
+    fig.colorbar(im, ax=list(axes[0]), label="kept rank / full rank", fraction=0.03, pad=0.02)
     return _save(fig, path)

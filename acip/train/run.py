@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["train", "build", "validate", "prepare", "acip_config", "find_checkpoint", "setup_wandb_env",
-           "rank_from_env", "RunDirectoryError", "RUN_MARKERS"]
+           "rank_from_env", "RunDirectoryError", "RUN_MARKERS", "parametrizer"]
 
 RUN_MARKERS = ("config.yaml", "acip_config.json")  # a directory holding one of these holds a run
 
@@ -119,6 +119,13 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     if schedule.post_tune_steps > 0 and config.lora is None:
         raise ValueError(f"acip.post_tune_steps={schedule.post_tune_steps} trains only the LoRA adapters, but "
                          f"acip.lora is null: set acip.lora (e.g. {{r: 8, lora_alpha: 16}}) or acip.post_tune_steps=0")
+    precision, dtype = str(cfg.trainer.get("precision", "32-true")), str(cfg.model.get("dtype", "float32"))
+    if precision.endswith("-true") and precision[:-5] in ("bf16", "16") and dtype.replace("torch.", "") != (
+            "bfloat16" if precision.startswith("bf16") else "float16"):
+        want = "bfloat16" if precision.startswith("bf16") else "float16"
+        raise ValueError(f"trainer.precision={precision} trains the model's own weights in {want}, but model.dtype="
+                         f"{dtype}: load it in that dtype (model.dtype={want}), or use trainer.precision="
+                         f"{precision[:-5]}-mixed to keep the {dtype} weights and compute in {want}")
     _float(a, "lr", "acip", positive=True)
     _float(a, "lora_lr", "acip", positive=False)
     _float(a, "weight_decay", "acip", positive=False)
@@ -161,13 +168,13 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     import lightning.pytorch as pl
     import torch
 
-    import acip
     from .data import PackedTextDataModule
     from .module import ACIPModule
 
     a, schedule, config = cfg.acip, plan["schedule"], plan["acip_config"]
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
+    threads = cfg.get("num_threads") or a.get("num_threads")  # top level wins; null: torch's choice
+    if threads:
+        torch.set_num_threads(int(threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     train_texts, heldout_texts = _build(cfg.data)
     model, tok = _build(cfg.model)
@@ -176,18 +183,46 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     dm = PackedTextDataModule(tok, train_texts, a.seq_len, a.batch_size, schedule.total_steps, seed=int(cfg.seed),
                               world_size=_world(cfg))
     dm.prepare()  # fail early (dataset shorter than one batch) before any expensive SVD
-    whitening = None
+    calib = None
     if config.basis == "activation_aware":  # masks over the SVD of W L
-        from acip.core.whiten import calibrate_whitening
         from acip.eval.perplexity import token_windows
 
         calib = token_windows(tok, train_texts, int(a.whiten_seq_len), int(a.whiten_windows))
-        whitening = calibrate_whitening(model, calib.split(4), config.target_modules, config.exclude_modules)
-    pm = acip.parametrize(model, config, whitening=whitening)
-    module = ACIPModule(pm, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
-                        meta={"run_dir": str(run_dir)})
-    return {"module": module, "datamodule": dm, "pm": pm, "tokenizer": tok, "train_texts": train_texts,
+    module = ACIPModule(None, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
+                        meta={"run_dir": str(run_dir)},
+                        build=parametrizer(model, config, calib, torch.random.get_rng_state()))
+    return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": train_texts,
             "heldout_texts": heldout_texts}
+
+
+def parametrizer(model: Any, config: Any, calib: Any = None, rng_state: Any = None) -> Any:
+    """``build(device) -> ACIPModel`` for :meth:`ACIPModule.configure_model`: the activation-aware
+    calibration (when ``calib`` windows are given) and the SVD of every target layer run on the
+    training device, on each rank. ``rng_state`` (the CPU generator's state where the old in-line
+    parametrization ran) makes the LoRA initialisation, and so the run, the same as before."""
+    import inspect
+
+    import torch
+
+    import acip
+
+    def build(device: Any) -> Any:
+        device = torch.device(device)
+        if rng_state is not None:
+            torch.random.set_rng_state(rng_state)
+        layerwise = "device" in inspect.signature(acip.parametrize).parameters
+        if device.type != "cpu" and (calib is not None or not layerwise):
+            model.to(device)  # calibration runs the model (and the SVD follows its weights)
+        whitening = None
+        if calib is not None:
+            from acip.core.whiten import calibrate_whitening
+
+            whitening = calibrate_whitening(model, calib.to(device).split(4), config.target_modules,
+                                            config.exclude_modules)
+        kw = {"device": device} if layerwise else {}
+        return acip.parametrize(model, config, whitening=whitening, **kw)
+
+    return build
 
 
 def _logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -224,11 +259,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, parts: dict[str, Any]) -> Any:
     a, schedule = cfg.acip, parts["module"].schedule
     callbacks: list[Any] = [RunArtifacts(run_dir), Monitor(run_dir, every=a.log_every, ranks_per_layer=cfg.get("log_ranks", True))]
     if cfg.eval.enabled:
-        callbacks.append(FinalEvaluation(run_dir, parts["tokenizer"], parts["heldout_texts"], list(cfg.eval.ratios),
-                                         cfg.eval.seq_len, cfg.eval.max_windows, cfg.eval.baseline,
-                                         calib_texts=parts["train_texts"],
-                                         calib_windows=int(cfg.eval.get("activation_aware_windows", 0) or 0),
-                                         no_adapters=bool(cfg.eval.get("no_adapters", True))))
+        callbacks.append(FinalEvaluation.from_config(cfg, run_dir, parts))  # the eval: section
     if cfg.get("debug", {}).get("step_delay_s", 0):
         callbacks.append(_step_delay(float(cfg.debug.step_delay_s)))
     callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:06d}",

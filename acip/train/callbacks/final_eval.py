@@ -1,64 +1,101 @@
-"""Final evaluation: held-out perplexity at the test ratios, ACIP vs the no-training baselines.
+"""Final evaluation: perplexity on every held-out domain at the test ratios, ACIP vs the no-training baselines.
 
 For each test ratio rho: ``acip.export(pm, ratio=rho, score_map=module.score_map)`` from the
-trained model in memory (LoRA folded in; export never changes ``pm``); for a run with adapters
-also ``adapters=False`` (column
-``acip_no_adapters``: the adapters are trained at the stop ratio and can hurt well above it); and
-the same for ``ScoreMap.from_singular_values`` on the *untrained* weights (exported with
-``adapters=False``, which makes the factors exactly ``U_r, S_r V_r^T``). Optionally also the
-activation-aware baseline (SVD-LLM style): ``W L = U S V^T`` with ``L`` the Cholesky factor of
-``X^T X`` of each layer's inputs on ``calib_windows`` training windows, directions ranked by
-their singular values (see :mod:`acip.core.whiten`). Perplexity is measured on the same held-out windows; the
-ratio reported is the measured one of the exported model. Writes ``results.json`` and
-``plots/*.png`` (rank 0), logs images, a table and ``final/ppl_<method>_r<100*rho>`` scalars.
+trained model in memory (export never changes ``pm``). For a run with trained adapters both
+``adapters=True`` (column ``acip_adapters``) and ``adapters=False`` (``acip_no_adapters``) are
+measured on the **validation split** (the first ``val_fraction`` of the data group's held-out
+split); the adapters are kept where they give the lower validation perplexity, the decision is
+recorded in the score map's ``meta["adapters_auto"]`` (re-saved with the run directory, so
+``acip.export(run_dir, rho)``'s default ``adapters="auto"`` follows it; see
+:mod:`acip.export.auto`) and column ``acip`` is that default export. Baselines: the same for
+``ScoreMap.from_singular_values`` on the *untrained* weights (``adapters=False``: the factors are
+exactly ``U_r, S_r V_r^T``); optionally the activation-aware baseline (SVD-LLM style) calibrated
+on ``calib_windows`` training windows (see :mod:`acip.core.whiten`).
+
+Every export is evaluated on every domain (``domains``: names or mappings, see
+:mod:`acip.eval.domains`; ``"heldout"`` is the rest of the data group's held-out split, disjoint
+from the validation part) and on the validation split, on the first ``max_windows`` windows of
+each; the uncompressed model is measured once per domain (the ``dense`` row). The ratio reported is
+the measured one of the exported model. Writes ``results.json`` and ``plots/*.png`` (rank 0), logs
+images, a table, ``final/<domain>/ppl_<method>_r<100*rho>`` scalars (the first domain also as
+``final/ppl_<method>_r<100*rho>``) and ``final/val_ppl_mean``: the geometric mean over the test
+ratios below 1 of column ``acip`` on the validation split (the sweep's metric).
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
 
 from .. import plots
 
-__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key"]
+__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key", "VAL"]
+
+VAL = "val"  # the validation split's key among the windows (never a reported domain)
 
 
-def metric_key(method: str, ratio: float) -> str:
-    """``final/ppl_acip_r50`` for ratio 0.5 (no dots: W&B sweeps read it as a flat key)."""
-    return f"final/ppl_{method}_r{int(round(100 * ratio))}"
+def metric_key(method: str, ratio: float, domain: str | None = None) -> str:
+    """``final/ppl_acip_r50`` for ratio 0.5, ``final/pydoc/ppl_acip_r50`` with a domain (no dots in the
+    ratio: W&B sweeps read it as a flat key)."""
+    return f"final/{domain + '/' if domain else ''}ppl_{method}_r{int(round(100 * ratio))}"
 
 
-def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor, ratios: Sequence[float],
-                        pm: Any, log: Any = print) -> dict[str, Any]:
+def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor | Mapping[str, torch.Tensor],
+                        ratios: Sequence[float], pm: Any, log: Any = print) -> dict[str, Any]:
     """``{method: {ratio: ppl}}``, measured ratios and kept ranks, exporting ``pm`` with each map at each ratio.
 
     A value of ``score_maps`` is a ScoreMap, or ``(ScoreMap, export_kwargs)``, e.g.
     ``(sm, {"adapters": False})`` for the trained map exported without its adapters, or for an
-    untrained baseline on a model whose adapters were trained.
+    untrained baseline on a model whose adapters were trained. ``windows`` is one id tensor, or
+    ``{domain: ids}``: then every export is evaluated on each and ``ppl`` is
+    ``{domain: {method: {ratio: ppl}}}`` (one export per method and ratio).
     """
     import acip
     from acip.eval.perplexity import perplexity
 
-    ppl: dict[str, dict[float, float]] = {}
+    single = isinstance(windows, torch.Tensor)
+    wins = {"_": windows} if single else dict(windows)
+    ppl: dict[str, dict[str, dict[float, float]]] = {d: {} for d in wins}
     measured: dict[str, dict[float, float]] = {}
     ranks: dict[str, dict[float, dict[str, int]]] = {}
+    used: dict[str, dict[float, Any]] = {}
     for method, entry in score_maps.items():
         sm, kwargs = entry if isinstance(entry, tuple) else (entry, {})
-        ppl[method], measured[method], ranks[method] = {}, {}, {}
+        measured[method], ranks[method], used[method] = {}, {}, {}
+        for d in wins:
+            ppl[d][method] = {}
         for rho in ratios:
             t0 = time.perf_counter()
             small = acip.export(pm, ratio=rho, score_map=sm, **kwargs)
-            ppl[method][rho] = perplexity(small, None, windows, progress=False)
+            for d, w in wins.items():
+                ppl[d][method][rho] = perplexity(small, None, w, progress=False)
             measured[method][rho] = float(small.config.acip_export["measured_ratio"])
             ranks[method][rho] = {n: e["rank"] for n, e in small.config.acip_layout.items()}  # as exported
+            used[method][rho] = small.config.acip_export.get("adapters")
             del small
+            figures = ", ".join(f"{d} {ppl[d][method][rho]:.2f}" for d in wins) if not single else \
+                f"{ppl['_'][method][rho]:.2f}"
             log(f"[acip] eval {method:16s} ratio {rho:.2f} (measured {measured[method][rho]:.3f}) "
-                f"ppl {ppl[method][rho]:.2f} [{time.perf_counter() - t0:.0f}s]")
-    return {"ppl": ppl, "measured_ratio": measured, "ranks": ranks}
+                f"ppl {figures} [{time.perf_counter() - t0:.0f}s]")
+    return {"ppl": ppl["_"] if single else ppl, "measured_ratio": measured, "ranks": ranks, "adapters": used}
+
+
+def _gmean(values: Sequence[float]) -> float:
+    vals = list(values)
+    if not vals:
+        return float("nan")
+    if any(not math.isfinite(v) for v in vals):
+        return float("inf")
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def _keys(d: Mapping[float, Any]) -> dict[str, Any]:
+    return {f"{r:g}": v for r, v in d.items()}
 
 
 class FinalEvaluation(pl.Callback):
@@ -68,11 +105,11 @@ class FinalEvaluation(pl.Callback):
                  ratios: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4), seq_len: int = 256,
                  max_windows: int | None = 40, baseline: bool = True,
                  extra: dict | None = None, calib_texts: Sequence[str] | None = None,
-                 calib_windows: int = 0, no_adapters: bool = True) -> None:
+                 calib_windows: int = 0, no_adapters: bool = True, domains: Sequence[Any] = ("heldout",),
+                 val_fraction: float = 0.5, val_windows: int | None = None) -> None:
         from acip.core.size import check_ratio
 
         self.run_dir, self.tokenizer = Path(run_dir), tokenizer
-        self.heldout_texts = list(heldout_texts)
         self.ratios = sorted((check_ratio(r, "eval.ratios") for r in ratios), reverse=True)
         self.seq_len, self.max_windows, self.baseline = int(seq_len), max_windows, bool(baseline)
         self.extra = dict(extra or {})
@@ -81,8 +118,37 @@ class FinalEvaluation(pl.Callback):
                              f"pass calib_texts or set eval.activation_aware_windows=0")
         self.calib_texts, self.calib_windows = list(calib_texts or []), int(calib_windows)
         self.no_adapters = bool(no_adapters)
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"eval.val_fraction={val_fraction}: the share of the held-out split used for "
+                             f"validation must be in (0, 1)")
+        held = list(heldout_texts)
+        if len(held) < 2:
+            raise ValueError(f"the data group's held-out split holds {len(held)} text(s); the final evaluation "
+                             f"needs at least 2 (a validation part and a reported part)")
+        cut = min(len(held) - 1, max(1, int(round(len(held) * float(val_fraction)))))
+        self.val_texts, self.heldout_texts = held[:cut], held[cut:]
+        self.val_windows = max_windows if val_windows is None else int(val_windows)
+        from acip.eval.domains import check_domains
+
+        self.domain_specs = list(domains)
+        if VAL in check_domains(self.domain_specs):  # fail before training, not after it
+            raise ValueError(f"eval.domains: {VAL!r} is the validation split's name; name the domain otherwise")
         self.results: dict[str, Any] | None = None
         self.t_start = time.time()
+
+    @classmethod
+    def from_config(cls, cfg: Any, run_dir: str | Path, parts: Mapping[str, Any]) -> "FinalEvaluation":
+        """The callback as ``conf/compress.yaml``'s ``eval:`` section describes it."""
+        from omegaconf import OmegaConf
+
+        e = cfg.eval
+        domains = e.get("domains", None)
+        domains = ["heldout"] if domains is None else OmegaConf.to_container(domains, resolve=True)
+        return cls(run_dir, parts["tokenizer"], parts["heldout_texts"], list(e.ratios), e.seq_len, e.max_windows,
+                   e.baseline, calib_texts=parts["train_texts"],
+                   calib_windows=int(e.get("activation_aware_windows", 0) or 0),
+                   no_adapters=bool(e.get("no_adapters", True)), domains=domains,
+                   val_fraction=float(e.get("val_fraction", 0.5)), val_windows=e.get("val_windows", None))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.t_start = time.time()
@@ -93,41 +159,93 @@ class FinalEvaluation(pl.Callback):
         if trainer.world_size > 1:
             trainer.strategy.barrier("acip_final_eval")
 
+    def windows(self) -> dict[str, torch.Tensor]:
+        """``{"val": ..., domain: ...}``: the first ``max_windows`` windows of each text."""
+        from acip.eval.domains import resolve_domains
+        from acip.eval.perplexity import token_windows
+
+        texts = resolve_domains(self.domain_specs, self.heldout_texts)
+        if VAL in texts:
+            raise ValueError(f"eval.domains: {VAL!r} is the validation split's name; name the domain otherwise")
+        out = {VAL: token_windows(self.tokenizer, self.val_texts, self.seq_len, self.val_windows)}
+        for name, t in texts.items():
+            out[name] = token_windows(self.tokenizer, t, self.seq_len, self.max_windows)
+        return out
+
     @torch.no_grad()
     def run(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
         from acip import ScoreMap
         from acip.core.io import atomic_write
-        from acip.eval.perplexity import token_windows
-        from acip.eval.sweep import format_table, plot_ratio_curves
+        from acip.eval.perplexity import perplexity
+        from acip.eval.sweep import format_table, plot_domain_curves
+        from acip.export.auto import record_decision
 
         train_time = time.time() - self.t_start
         pm = pl_module.pm
         pm.eval()
-        windows = token_windows(self.tokenizer, self.heldout_texts, self.seq_len, self.max_windows)
-        maps: dict[str, Any] = {"acip": pl_module.score_map}
-        if self.no_adapters and pm.lora_parameters():  # the same map, the run's adapters left out
-            maps["acip_no_adapters"] = (maps["acip"], {"adapters": False})
+        t0 = time.time()
+        wins = self.windows()
+        with pm.dense_view():  # the uncompressed model: every W, no adapters
+            reference = {d: perplexity(pm, None, w, progress=False) for d, w in wins.items()}
+        sm = pl_module.score_map
+        trained = any(n not in pm.liftable_layers() for n in pm.svd_layers())
+        choose = trained and self.no_adapters
+        maps: dict[str, Any] = {}
+        if choose:  # both, then column "acip" is the auto choice (no further export)
+            maps["acip_adapters"] = (sm, {"adapters": True})
+            maps["acip_no_adapters"] = (sm, {"adapters": False})
+        else:
+            maps["acip"] = (sm, {"adapters": True})
         if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
             base_map = ScoreMap.from_singular_values(pm)  # untrained: the adapters left out
             maps[base_map.method] = (base_map, {"adapters": False})
-        t0 = time.time()
-        ev = evaluate_score_maps(maps, windows, self.ratios, pm)
+        ev = evaluate_score_maps(maps, wins, self.ratios, pm)
+        auto: dict[float, bool] = {}
+        if choose:
+            val = {r: {"adapters": ev["ppl"][VAL]["acip_adapters"][r], "no_adapters": ev["ppl"][VAL]["acip_no_adapters"][r]}
+                   for r in self.ratios}
+            record_decision(sm, val)
+            auto = {r: bool(val[r]["adapters"] < val[r]["no_adapters"]) for r in self.ratios}
+            for key in ("ppl",):
+                for d in ev[key]:
+                    col = {r: ev[key][d]["acip_adapters" if auto[r] else "acip_no_adapters"][r] for r in self.ratios}
+                    ev[key][d] = {"acip": col, **ev[key][d]}
+            for key in ("measured_ratio", "ranks", "adapters"):
+                col = {r: ev[key]["acip_adapters" if auto[r] else "acip_no_adapters"][r] for r in self.ratios}
+                ev[key] = {"acip": col, **ev[key]}
+            if trainer.is_global_zero:  # the decision travels with the run directory
+                pm.score_map = sm
+                pm.save_pretrained(self.run_dir)
         extra_maps = []
         if self.baseline and "singular_values" not in maps:  # a whitened run: plain SVD of W as well
             extra_maps.append(self.plain_singular_values(pm))
         if self.calib_windows and "activation_aware" not in maps:
             extra_maps.append(self.activation_aware(pm))
         for other_pm, other_map in extra_maps:
-            ev_other = evaluate_score_maps({other_map.method: other_map}, windows, self.ratios, other_pm)
-            for key in ev:
+            ev_other = evaluate_score_maps({other_map.method: other_map}, wins, self.ratios, other_pm)
+            for d in ev["ppl"]:
+                ev["ppl"][d].update(ev_other["ppl"][d])
+            for key in ("measured_ratio", "ranks", "adapters"):
                 ev[key].update(ev_other[key])
         del extra_maps
+        domains = [d for d in wins if d != VAL]
+        primary = domains[0]
+        below = [r for r in self.ratios if r < 1.0] or self.ratios
+        val_mean = _gmean([ev["ppl"][VAL]["acip"][r] for r in below])
         st = pl_module.schedule
         results = {
             "ratios": self.ratios,
-            "ppl": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["ppl"].items()},
-            "measured_ratio": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["measured_ratio"].items()},
-            "ranks": {m: {f"{r:g}": v for r, v in d.items()} for m, d in ev["ranks"].items()},
+            "domains": domains,
+            "primary_domain": primary,
+            "ppl": {m: _keys(d) for m, d in ev["ppl"][primary].items()},
+            "ppl_by_domain": {dom: {m: _keys(d) for m, d in cols.items()} for dom, cols in ev["ppl"].items() if dom != VAL},
+            "val_ppl": {m: _keys(d) for m, d in ev["ppl"][VAL].items()},
+            "val_ppl_mean": val_mean,
+            "reference_ppl": {d: reference[d] for d in wins},
+            "adapters_auto": _keys(auto) if auto else None,
+            "adapters_used": {m: _keys(d) for m, d in ev["adapters"].items()},
+            "measured_ratio": {m: _keys(d) for m, d in ev["measured_ratio"].items()},
+            "ranks": {m: _keys(d) for m, d in ev["ranks"].items()},
             "stop_ratio": st.stop_ratio,
             "reached_stop_ratio": st.stop_step is not None,
             "stop_step": st.stop_step,
@@ -136,24 +254,34 @@ class FinalEvaluation(pl.Callback):
             "global_step": int(trainer.global_step),
             "train_time_s": train_time,
             "eval_time_s": time.time() - t0,
-            "eval": {"seq_len": self.seq_len, "windows": int(len(windows)), "tokens": int(windows.numel())},
+            "eval": {"seq_len": self.seq_len,
+                     "windows": {d: int(len(w)) for d, w in wins.items()},
+                     "tokens": {d: int(w.numel()) for d, w in wins.items()},
+                     "val_texts": len(self.val_texts), "heldout_texts": len(self.heldout_texts)},
             "world_size": trainer.world_size,
             "score_map_digests": list(pl_module.rank_digests),
             **self.extra,
         }
         atomic_write(self.run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
         pdir = self.run_dir / "plots"
-        sm = maps["acip"]
         names = list(sm.scores)
+        shown = {d: ev["ppl"][d] for d in domains}
         pngs = {
-            "ratio_vs_ppl": plot_ratio_curves(ev["ppl"], pdir / "ratio_vs_ppl.png"),
+            "ratio_vs_ppl": plot_domain_curves(shown, pdir / "ratio_vs_ppl.png", references=reference,
+                                               title="perplexity by size ratio (dashed: uncompressed)"),
             "score_heatmap": plots.plot_score_heatmap(sm.scores, pdir / "score_heatmap.png"),
             "kept_ranks": plots.plot_kept_ranks(ev["ranks"]["acip"], {n: sm.scores[n].numel() for n in names},
                                                 pdir / "kept_ranks.png"),
         }
-        table = format_table(ev["ppl"], ratios=self.ratios, suffix=" ppl")
-        print("\n[acip] held-out perplexity by size ratio (target layers)\n" + table, flush=True)
-        self.log_results(trainer, ev, pngs)
+        notes = {"acip adapters": {r: ("on" if auto[r] else "off") for r in self.ratios}} if auto else None
+        parts = []
+        for d in [*domains, VAL]:
+            what = "validation split (chooses the adapters; not reported as a domain)" if d == VAL else d
+            parts.append(f"[acip] {what}: perplexity by size ratio (target layers)\n"
+                         + format_table(ev["ppl"][d], reference=reference[d], ratios=self.ratios, suffix=" ppl",
+                                        notes=notes))
+        print("\n" + "\n\n".join(parts) + f"\n[acip] final/val_ppl_mean {val_mean:.3f}", flush=True)
+        self.log_results(trainer, ev, pngs, reference, val_mean, primary)
         return results
 
     @staticmethod
@@ -182,14 +310,26 @@ class FinalEvaluation(pl.Callback):
                                       svd_dtype=pm.acip_config.torch_svd_dtype)
         return white, white.score_map
 
-    def log_results(self, trainer: pl.Trainer, ev: dict[str, Any], pngs: dict[str, Path]) -> None:
-        """Scalars to every logger; images and a table to W&B."""
+    def log_results(self, trainer: pl.Trainer, ev: dict[str, Any], pngs: dict[str, Path],
+                    reference: Mapping[str, float], val_mean: float, primary: str) -> None:
+        """Scalars to every logger; images and a long-format table (every domain) to W&B."""
         from lightning.pytorch.loggers import WandbLogger
 
-        scalars = {metric_key(m, r): v for m, d in ev["ppl"].items() for r, v in d.items()}
-        rows = [[r] + [ev["ppl"][m][r] for m in ev["ppl"]] + [ev["measured_ratio"][m][r] for m in ev["ppl"]]
-                for r in self.ratios]
-        cols = ["ratio"] + [f"ppl_{m}" for m in ev["ppl"]] + [f"measured_ratio_{m}" for m in ev["ppl"]]
+        scalars = {"final/val_ppl_mean": val_mean}
+        for d, cols in ev["ppl"].items():
+            scalars[f"final/{d}/ppl_dense"] = reference[d]
+            for m, col in cols.items():
+                for r, v in col.items():
+                    scalars[metric_key(m, r, d)] = v
+                    if d == primary:
+                        scalars[metric_key(m, r)] = v
+        cols = ["domain", "method", "ratio", "ppl", "x_dense", "measured_ratio", "adapters"]
+        rows = [[d, "dense", 1.0, reference[d], 1.0, 1.0, False] for d in ev["ppl"]]
+        for d, methods in ev["ppl"].items():
+            for m, col in methods.items():
+                for r in self.ratios:
+                    used = ev["adapters"].get(m, {}).get(r)
+                    rows.append([d, m, r, col[r], col[r] / reference[d], ev["measured_ratio"][m][r], bool(used)])
         for lg in trainer.loggers:
             lg.log_metrics(scalars, step=trainer.global_step)
             if isinstance(lg, WandbLogger):
