@@ -110,6 +110,19 @@ def resolve(source: Any, model: Any = None, score_map: ScoreMap | None = None,
     return pm, sm
 
 
+def _materialize_attrs(src: nn.Module, new: nn.Module) -> None:
+    """Copy plain tensor attributes (not parameters or buffers, e.g. a rotary module's
+    ``original_inv_freq``) that the meta-device build left on meta from the source's module."""
+    src_mods = dict(src.named_modules())
+    for name, mod in new.named_modules():
+        for attr, val in list(vars(mod).items()):
+            if isinstance(val, torch.Tensor) and val.is_meta and attr not in ("_parameters", "_buffers"):
+                ref = getattr(src_mods.get(name), attr, None)
+                if not isinstance(ref, torch.Tensor) or ref.shape != val.shape:
+                    raise RuntimeError(f"export cannot rebuild {name}.{attr}: the source holds no such tensor")
+                setattr(mod, attr, ref.clone())
+
+
 def _layout_entry(layer: SVDLinear, rank: int) -> dict:
     dense = rank * (layer.in_features + layer.out_features) > layer.in_features * layer.out_features
     return {
@@ -201,15 +214,23 @@ def export(
         "stop_ratio": score_map.stop_ratio,
         "adapters": adapters,
     }
-    with no_init_weights():
+    # The new model is built on the meta device: no placeholder weights are allocated (a bf16 export
+    # used to allocate and convert a dense fp32 model first). Every tensor it ends up with is its
+    # own: a copy of the source's tensor the export keeps, or a layer's new factors, one at a time.
+    with torch.device("meta"), no_init_weights():
         new = type(src)(config)
     new.to(next(src.parameters()).dtype)
 
     state = {}
     prefixes = tuple(n + "." for n in layers)
+    copies: dict[tuple, torch.Tensor] = {}  # tied tensors (embedding / lm_head) are copied once, stay tied
     for name, t in src.state_dict().items():
         if not name.startswith(prefixes):
-            state[name] = t.clone()
+            key = (t.device, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key not in copies:
+                copies[key] = t.clone()  # never shared with the source (an in-place edit must not leak)
+            state[name] = copies[key]
+    del copies
     for name, layer in layers.items():
         idx = keep[name].to(layer.base.device)
         entry = layout[name]
@@ -237,7 +258,11 @@ def export(
         owner = new.get_submodule(mod_name) if mod_name else new
         if leaf in owner._buffers:
             owner._buffers[leaf] = buf.clone()
+    _materialize_attrs(src, new)
     new.tie_weights()
+    left = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"export left tensors without values: {left[:5]}")
     new.eval()
     if getattr(src, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(src.generation_config)
