@@ -1,0 +1,329 @@
+"""Fine-tune after export: ``python -m acip.finetune <run_dir> ratio=0.6 steps=200`` (``acip-finetune``).
+
+Exports the run at ``--ratio`` (``adapters="auto"`` unless ``--adapters`` says otherwise), puts a
+LoRA adapter on every linear of the exported target layers (the ``down`` and ``up`` factors of each
+``LowRankLinear``, or the layer itself where it was stored dense), trains only those adapters for
+``--steps`` AdamW steps on the run's data (its ``config.yaml`` data group, else the KJV training
+split) with the run's objective (its ``config.yaml`` objective group when it names one in
+:mod:`acip.train.objectives`, else next-token cross-entropy), then merges them into the factors
+and saves a plain exported model: same layout and size, ``acip.load(out)`` reads it (manifest
+verified), ``AutoModelForCausalLM.from_pretrained(out)`` after ``import acip`` as well.
+
+The LoRA here is acip's own few lines (:class:`LoRALinear`), so peft is not needed at run time;
+a distillation objective's teacher is the run's parametrized model under ``dense_view()`` (the
+uncompressed base model, no second copy of the dense weights). ``config.acip_export["finetune"]``
+records the settings, the loss curve's ends and the held-out perplexity before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["LoRALinear", "add_lora", "merge_lora", "finetune", "main", "build_parser"]
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * B(A(x))`` with ``base`` frozen; ``B = 0`` at the start (exactly ``base``)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, seed: int = 0) -> None:
+        super().__init__()
+        self.base, self.r, self.scaling = base, int(r), float(alpha) / int(r)
+        g = torch.Generator().manual_seed(seed)
+        a = torch.empty(self.r, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        w = base.weight
+        self.lora_A = nn.Parameter(a.to(device=w.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.r, device=w.device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (x.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
+        return self.base(x) + (self.scaling * delta).to(x.dtype)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """``base`` with ``W + scaling * B A`` written into its weight (in its own dtype)."""
+        w = self.base.weight
+        w.copy_((w.float() + self.scaling * (self.lora_B @ self.lora_A)).to(w.dtype))
+        return self.base
+
+
+def _targets(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linears of the exported target layers (``acip_layout``): factors of low-rank layers, dense ones."""
+    from acip.core.lowrank import LowRankLinear
+
+    layout = getattr(model.config, "acip_layout", None) or {}
+    if not layout:
+        raise ValueError("this model has no acip_layout: fine-tune an exported model (acip.export(run_dir, ratio))")
+    out: dict[str, nn.Linear] = {}
+    for name in layout:
+        mod = model.get_submodule(name)
+        if isinstance(mod, LowRankLinear):
+            if mod.rank > 0:
+                out[f"{name}.down"], out[f"{name}.up"] = mod.down, mod.up
+        elif isinstance(mod, nn.Linear):
+            out[name] = mod
+        else:
+            raise TypeError(f"{name}: a {type(mod).__name__} cannot take a LoRA adapter here (quantized? fine-tune "
+                            f"before quantizing)")
+    return out
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, seed: int = 0) -> dict[str, LoRALinear]:
+    """Freeze ``model`` and wrap every target linear (see :func:`_targets`) in a :class:`LoRALinear`, in place."""
+    from acip.core.surgery import replace_module
+
+    if r < 1:
+        raise ValueError(f"--rank must be >= 1, got {r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = {}
+    for i, (name, lin) in enumerate(_targets(model).items()):
+        rr = min(r, lin.in_features, lin.out_features)
+        wrapped[name] = LoRALinear(lin, rr, alpha * rr / r, seed=seed + i)
+        replace_module(model, name, wrapped[name])
+    return wrapped
+
+
+def merge_lora(model: nn.Module, wrapped: dict[str, LoRALinear]) -> nn.Module:
+    """Fold every adapter into its linear and put the plain linear back (the layout is unchanged)."""
+    from acip.core.surgery import replace_module
+
+    for name, lora in wrapped.items():
+        replace_module(model, name, lora.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+class _Student:
+    """The exported model as an objective's ``pm``; ``dense_view()`` routes calls to the run's uncompressed model."""
+
+    def __init__(self, model: nn.Module, teacher: Any) -> None:
+        self.model, self.teacher, self._dense = model, teacher, False
+
+    def __call__(self, **kw: Any) -> Any:
+        if self._dense:
+            return self.teacher(**kw)
+        return self.model(**kw)
+
+    @contextlib.contextmanager
+    def dense_view(self) -> Iterator["_Student"]:
+        if self.teacher is None:
+            raise ValueError("this objective needs a teacher: fine-tune from a run directory")
+        with self.teacher.dense_view():
+            self._dense = True
+            try:
+                yield self
+            finally:
+                self._dense = False
+
+
+def _ce(student: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = student(input_ids=ids).logits
+    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return loss, {"ce": float(loss.detach())}
+
+
+def finetune(model: nn.Module, windows: torch.Tensor, steps: int, *, lr: float = 1e-3, r: int = 8,
+             alpha: float = 16.0, batch_size: int = 4, seed: int = 0, objective: Any = None, teacher: Any = None,
+             log_every: int = 10, log: Any = print) -> dict[str, Any]:
+    """Train LoRA adapters on ``model``'s target linears over ``windows`` (``(n, seq_len)`` ids), then merge.
+
+    Batch ``t`` is rows ``perm[(t * batch_size) % n ...]`` of a seeded permutation (deterministic).
+    Returns the record stored in ``config.acip_export["finetune"]``. ``model`` is changed in place.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(windows) < 1:
+        raise ValueError("no training windows")
+    objective = objective or _ce
+    wrapped = add_lora(model, r=r, alpha=alpha, seed=seed)
+    params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(windows), generator=g)
+    device = next(model.parameters()).device
+    student = _Student(model, teacher)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        for step in range(steps):
+            rows = perm[(torch.arange(batch_size) + step * batch_size) % len(windows)]
+            ids = windows[rows].to(device)
+            loss, _ = objective(student, ids)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the fine-tuning loss is {float(loss)} at step {step}: lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if log and (step % max(1, log_every) == 0 or step == steps - 1):
+                log(f"[acip] finetune step {step + 1}/{steps} loss {losses[-1]:.4f} "
+                    f"[{time.perf_counter() - t0:.0f}s]")
+    finally:
+        model.eval()
+        merge_lora(model, wrapped)
+    k = max(1, min(10, steps // 4))
+    return {"steps": steps, "lr": lr, "rank": r, "alpha": alpha, "batch_size": batch_size, "seq_len": int(windows.shape[1]),
+            "seed": seed, "adapters": len(wrapped), "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+            "time_s": time.perf_counter() - t0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="acip-finetune",
+        description="Export an ACIP run at one ratio, fine-tune LoRA adapters on the exported factors, merge them "
+                    "and save a model that acip.load reads.",
+        epilog="Also accepted: python -m acip.finetune <run_dir> ratio=0.6 steps=200 (key=value for any option).")
+    ap.add_argument("run_dir", help="a finished run directory (python -m acip.compress)")
+    ap.add_argument("--ratio", type=float, required=True, help="size ratio of the export, in (0, 1]")
+    ap.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the adapters (default 1e-3)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (capped at each factor's size; default 8)")
+    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha/r; default 16)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
+    ap.add_argument("--data", choices=("run", "kjv"), default="run",
+                    help="'run': the run's config.yaml data group (default; KJV if it has none); 'kjv': the KJV "
+                         "training split")
+    ap.add_argument("--objective", choices=("run", "ce"), default="run",
+                    help="'run': the run's objective (config.yaml; CE if none); 'ce': next-token cross-entropy")
+    ap.add_argument("--adapters", choices=("auto", "true", "false"), default="auto",
+                    help="the run's own adapters in the export (acip.export's adapters=; default auto)")
+    ap.add_argument("--eval-windows", type=int, default=8,
+                    help="held-out windows for the perplexity before and after (0 = skip; default 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default <run_dir>/finetune_r<ratio>)")
+    return ap
+
+
+def _modernise(argv: Sequence[str]) -> list[str]:
+    """``ratio=0.6`` -> ``--ratio 0.6``; ``run_dir=...`` -> the positional argument."""
+    out: list[str] = []
+    for a in argv:
+        key, sep, val = a.partition("=")
+        if not sep or a.startswith("-") or "/" in key:
+            out.append(a)
+        elif key == "run_dir":
+            out.append(val)
+        else:
+            out += [f"--{key.replace('_', '-')}", val]
+    return out
+
+
+def _run_config(run_dir: Path) -> Any:
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(f)
+
+
+def _instantiate(node: Any) -> Any:
+    from acip.train.run import _build  # hydra's instantiate, re-raising the target's own error
+
+    return _build(node)
+
+
+def _texts(cfg: Any, which: str) -> tuple[list[str], list[str], str]:
+    """(train, held-out, description) for ``--data``."""
+    if which == "run" and cfg is not None and cfg.get("data") is not None:
+        got = _instantiate(cfg.data)
+        if (isinstance(got, tuple) and len(got) == 2 and all(isinstance(x, list) for x in got)
+                and all(isinstance(t, str) for x in got for t in x[:3])):
+            return got[0], got[1], str(cfg.data.get("_target_"))
+        raise ValueError(f"the run's data group ({cfg.data.get('_target_')}) does not give (train texts, held-out "
+                         f"texts); pass --data kjv")
+    from acip.data import kjv_split
+
+    train, held = kjv_split()
+    return train, held, "kjv"
+
+
+def _objective(cfg: Any, which: str) -> tuple[Any, str]:
+    if which == "run" and cfg is not None and cfg.get("objective") is not None:
+        target = str(cfg.objective.get("_target_", ""))
+        if target.startswith("acip.train.objectives."):
+            try:
+                obj = _instantiate(cfg.objective)
+            except (ImportError, AttributeError) as e:
+                print(f"[acip] the run's objective {target} is not available here ({e}); using cross-entropy",
+                      flush=True)
+            else:
+                return obj, getattr(obj, "name", target)
+    return _ce, "ce"
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Export, fine-tune, merge, save; prints the held-out perplexity before and after."""
+    ap = build_parser()
+    args = ap.parse_args(_modernise(sys.argv[1:] if argv is None else argv))
+    for key in ("steps", "rank", "batch_size"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.seq_len < 2:
+        ap.error(f"--seq-len must be >= 2, got {args.seq_len}")
+    if not args.lr > 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
+    if not 0.0 < args.ratio <= 1.0:
+        ap.error(f"--ratio must be in (0, 1], got {args.ratio}")
+    import json
+
+    import acip
+    from acip.core.base import load_base
+    from acip.core.config import ACIPConfig
+    from acip.core.parametrize import STATE_FILE, ACIPModel
+    from acip.eval.perplexity import perplexity, token_windows
+
+    run_dir = Path(args.run_dir).expanduser()
+    if not (run_dir / STATE_FILE).is_file():
+        ap.error(f"{str(run_dir)!r} holds no {STATE_FILE}: pass the directory of a finished run")
+    torch.manual_seed(args.seed)
+    config = ACIPConfig.from_dict(json.loads((run_dir / "acip_config.json").read_text())["config"])
+    if not config.source.model:
+        ap.error(f"{str(run_dir)!r} was saved from a model object (no base model recorded): export it in Python "
+                 f"and call acip.finetune.finetune(model, windows, steps)")
+    base, tok = load_base(config.source.model, dtype=getattr(torch, config.source.dtype))
+    if tok is None:
+        ap.error(f"the base model {config.source.model!r} has no tokenizer")
+    pm = ACIPModel.from_pretrained(run_dir, model=base)
+    adapters: Any = {"auto": "auto", "true": True, "false": False}[args.adapters]
+    model = acip.export(pm, args.ratio, adapters=adapters)
+    cfg = _run_config(run_dir)
+    train, held, data_name = _texts(cfg, args.data)
+    objective, obj_name = _objective(cfg, args.objective)
+    need = args.steps * args.batch_size
+    windows = token_windows(tok, train, args.seq_len, need)
+    held_w = token_windows(tok, held, args.seq_len, args.eval_windows) if args.eval_windows > 0 else None
+    before = perplexity(model, None, held_w, progress=False) if held_w is not None else None
+    print(f"[acip] fine-tuning the export at ratio {args.ratio} (adapters={model.config.acip_export['adapters']}) "
+          f"on {data_name} ({len(windows)} windows of {args.seq_len} tokens) with {obj_name}", flush=True)
+    record = finetune(model, windows, args.steps, lr=args.lr, r=args.rank, alpha=args.alpha,
+                      batch_size=args.batch_size, seed=args.seed, objective=objective,
+                      teacher=pm if getattr(objective, "uses_teacher", False) else None, log_every=args.log_every)
+    after = perplexity(model, None, held_w, progress=False) if held_w is not None else None
+    record.update(data=data_name, objective=obj_name, heldout_ppl_before=before, heldout_ppl_after=after,
+                  heldout_windows=0 if held_w is None else len(held_w))
+    model.config.acip_export["finetune"] = record
+    out = args.out or run_dir / f"finetune_r{int(round(100 * args.ratio))}"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if held_w is not None:
+        print(f"[acip] held-out perplexity {before:.3f} -> {after:.3f} ({len(held_w)} windows)", flush=True)
+    print(f"[acip] fine-tuned model (adapters merged, ratio {acip.size_ratio(model):.4f}) -> {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
