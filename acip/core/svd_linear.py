@@ -91,7 +91,7 @@ class SVDLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.clone())
         sv = singular_values if singular_values is not None else base.norm(dim=1)
         self.register_buffer("singular_values", sv.detach().float().clone())
-        self.mask = nn.Parameter(torch.full((k,), self.mask_scaling, dtype=torch.float32))
+        self.mask = nn.Parameter(torch.full((k,), self.mask_scaling, dtype=torch.float32, device=ortho.device))
         self.keep: torch.Tensor | None = None
         self.dense_view = False  # True: forward is the original dense layer (see ACIPModel.dense_view)
         self.whitened = False  # True when base = S V^T L^{-1} (V^T L^{-1} not orthonormal)
