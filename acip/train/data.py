@@ -11,16 +11,18 @@ from ``seed + e``. A resumed run therefore sees exactly the batches an uninterru
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 __all__ = [
     "kjv_texts", "text_files", "hf_dataset", "pack_tokens", "PackedSequences", "StepSampler",
-    "PackedTextDataModule", "DatasetTooSmallError",
+    "PackedTextDataModule", "DatasetTooSmallError", "TextStream", "PackedStream", "DatasetUnavailableError",
+    "calibration_texts", "VALIDATION_SPLITS",
 ]
 
 
@@ -114,21 +116,165 @@ def text_files(paths: Sequence[str], heldout_fraction: float = 0.1) -> tuple[lis
     return _split(texts, heldout_fraction)
 
 
+VALIDATION_SPLITS = ("validation", "valid", "val", "test")  # the dataset's own held-out split, first found
+
+
+class DatasetUnavailableError(ConnectionError):
+    """A hub dataset could not be opened (no network, no HF cache): the message names a local copy's options."""
+
+
+class TextStream:
+    """Training texts of a ``datasets`` dataset, read lazily in order: never materialised.
+
+    ``texts(epoch)`` re-opens the split (``open_split()``), skips the first ``skip`` rows (held out),
+    shuffles with a buffer of ``shuffle_buffer`` texts (seed ``seed + epoch``; 0 = file order) and
+    yields the non-empty ``text_field`` strings, at most ``max_texts`` per epoch. ``token_budget``
+    (tokens per epoch; None = the whole split) is applied by :class:`PackedStream`. ``rows_read``
+    counts the rows taken from the dataset (a shuffle buffer reads ``shuffle_buffer`` rows ahead).
+    """
+
+    def __init__(self, open_split: Callable[[], Any], text_field: str = "text", token_budget: int | None = None,
+                 shuffle_buffer: int = 0, seed: int = 0, skip: int = 0, max_texts: int | None = None,
+                 where: str = "the dataset") -> None:
+        if token_budget is not None and (isinstance(token_budget, bool) or int(token_budget) < 1):
+            raise ValueError(f"data.token_budget must be a positive number of tokens or null, got {token_budget!r}")
+        if int(shuffle_buffer) < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0 texts (0 = file order), got {shuffle_buffer!r}")
+        self.open_split, self.text_field, self.where = open_split, text_field, where
+        self.token_budget = None if token_budget is None else int(token_budget)
+        self.shuffle_buffer, self.seed, self.skip = int(shuffle_buffer), int(seed), int(skip)
+        self.max_texts = max_texts
+        self.rows_read = 0
+
+    def texts(self, epoch: int = 0) -> Iterator[str]:
+        ds = self.open_split()
+        if self.skip:
+            ds = ds.skip(self.skip)
+        if self.shuffle_buffer:
+            ds = ds.shuffle(seed=self.seed + int(epoch), buffer_size=self.shuffle_buffer)
+        n = 0
+        for row in ds:
+            self.rows_read += 1
+            if self.text_field not in row:
+                raise ValueError(f"data.text_field={self.text_field!r} is not a column of {self.where} (columns: "
+                                 f"{sorted(row)}); pass data.text_field=<column>")
+            t = row[self.text_field]
+            if isinstance(t, str) and t.strip():
+                yield t
+                n += 1
+                if self.max_texts is not None and n >= self.max_texts:
+                    return
+
+    def __iter__(self) -> Iterator[str]:
+        return self.texts(0)
+
+    def head(self, tokenizer: Any, n_tokens: int) -> list[str]:
+        """The first texts of epoch 0 that hold at least ``n_tokens`` tokens (calibration samples)."""
+        out, have = [], 0
+        for t in self.texts(0):
+            out.append(t)
+            have += len(tokenizer(t + "\n", add_special_tokens=False)["input_ids"])
+            if have >= n_tokens:
+                break
+        return out
+
+
+def calibration_texts(texts: Any, tokenizer: Any, n_tokens: int) -> Sequence[str]:
+    """``texts`` itself when it is a list; the first texts of a :class:`TextStream` holding ``n_tokens``."""
+    return texts.head(tokenizer, n_tokens) if isinstance(texts, TextStream) else texts
+
+
+def _open_dataset(datasets: Any, path: str, name: str | None, data_files: Any, data_dir: str | None,
+                  streaming: bool) -> Any:
+    """``load_dataset`` of every split (a dict), with one clear error when it cannot be opened."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(data_files):
+        data_files = OmegaConf.to_container(data_files, resolve=True)
+    try:
+        return datasets.load_dataset(path, name, data_files=data_files, data_dir=data_dir, streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; one message names the way out
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if Path(path).expanduser().exists() or path in ("json", "parquet", "csv", "text", "arrow"):
+            raise ValueError(f"data.path={path!r}: could not read the dataset ({type(e).__name__}: {first}). Check "
+                             f"data.data_files / data.data_dir") from None
+        raise DatasetUnavailableError(
+            f"could not open the hub dataset {path!r}{f' ({name})' if name else ''}: {type(e).__name__}: {first}. "
+            f"Without network (or a filled HF cache) point it at a local copy: data.path=/data/c4 "
+            f"data.data_files='{{train: en/c4-train.*.json.gz, validation: en/c4-validation.*.json.gz}}' "
+            f"(any local json/parquet files: data.path=json or data.path=parquet with data.data_files=...)"
+        ) from None
+
+
 def hf_dataset(
     path: str, name: str | None = None, split: str = "train", text_field: str = "text",
-    heldout_fraction: float = 0.1, max_texts: int | None = None,
-) -> tuple[list[str], list[str]]:
-    """A Hugging Face ``datasets`` dataset (local or cached); field ``text_field`` holds the text."""
+    heldout_fraction: float = 0.1, max_texts: int | None = None, streaming: bool = False,
+    token_budget: int | None = None, validation_split: str | None = "auto", max_heldout_texts: int = 2000,
+    shuffle_buffer: int = 0, seed: int = 0, data_files: Any = None, data_dir: str | None = None,
+) -> tuple[Any, list[str]]:
+    """A Hugging Face ``datasets`` dataset (hub id, local directory, or ``json``/``parquet`` + ``data_files``).
+
+    Held out: the dataset's own validation split when it has one (``validation_split="auto"``: the
+    first of :data:`VALIDATION_SPLITS`; a name; or null), its first ``max_heldout_texts`` texts.
+    Without one, a list dataset holds out its last ``heldout_fraction``; a stream its first
+    ``max_heldout_texts`` texts (skipped for training).
+
+    ``streaming=True`` or a ``token_budget`` give the training texts as a :class:`TextStream`
+    (packed on the fly by :class:`PackedStream`, with a shuffle buffer of ``shuffle_buffer`` texts);
+    otherwise a list, as before.
+    """
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("data=hf_dataset needs `pip install datasets`; or use data=text_files") from e
-    ds = datasets.load_dataset(path, name, split=split)
-    if text_field not in ds.column_names:
-        raise ValueError(f"data.text_field={text_field!r} is not a column of {path!r} (columns: {ds.column_names}); "
-                         f"pass data.text_field=<column>")
-    texts = ds[text_field][: max_texts or len(ds)]
-    return _split(list(texts), heldout_fraction)
+        raise ImportError("data=hf_dataset needs `pip install datasets` (or pip install 'acip[data]'); "
+                          "or use data=text_files") from e
+    dd = _open_dataset(datasets, path, name, data_files, data_dir, bool(streaming))
+    splits = list(dd)
+    if split not in splits:
+        raise ValueError(f"data.split={split!r} is not a split of {path!r} (splits: {splits}); pass data.split=<name>")
+    if validation_split == "auto":
+        val = next((v for v in VALIDATION_SPLITS if v in splits and v != split), None)
+    elif validation_split in (None, "null", "none", ""):
+        val = None
+    elif validation_split not in splits:
+        raise ValueError(f"data.validation_split={validation_split!r} is not a split of {path!r} (splits: {splits}); "
+                         f"pass one of them, auto, or null")
+    else:
+        val = validation_split
+    where = f"{path!r} split {split!r}"
+    lazy = bool(streaming) or token_budget is not None
+    if not lazy:  # a (memory-mapped) Dataset: the texts as a list, as before
+        ds = dd[split]
+        if text_field not in ds.column_names:
+            raise ValueError(f"data.text_field={text_field!r} is not a column of {path!r} (columns: {ds.column_names}); "
+                             f"pass data.text_field=<column>")
+        texts = list(ds[text_field][: max_texts or len(ds)])
+        if val is None:
+            return _split(texts, heldout_fraction)
+        held = dd[val][text_field][:max_heldout_texts]
+        return [t for t in texts if t and t.strip()], [t for t in held if t and t.strip()]
+
+    def opener(which: str) -> Callable[[], Any]:
+        ds = dd[which]
+        return (lambda: ds) if streaming else (lambda: ds.to_iterable_dataset())
+
+    n_held = int(max_heldout_texts)
+    if val is not None:
+        held = list(itertools.islice(TextStream(opener(val), text_field, where=f"{path!r} split {val!r}"), n_held))
+        train = TextStream(opener(split), text_field, token_budget, shuffle_buffer, seed, 0, max_texts, where)
+    else:  # no validation split: hold out the stream's first texts, train on the rest
+        first = TextStream(opener(split), text_field, where=where)
+        held = []
+        for t in first.texts(0):
+            held.append(t)
+            if len(held) >= n_held:
+                break
+        train = TextStream(opener(split), text_field, token_budget, shuffle_buffer, seed, first.rows_read, max_texts,
+                           where)
+    if not held:
+        raise ValueError(f"{path!r} gave no held-out texts (split {val or split!r}); raise data.max_heldout_texts or "
+                         f"pass data.validation_split=<split>")
+    return train, held
 
 
 def pack_tokens(tokenizer: Any, texts: Sequence[str], seq_len: int, batch: int = 1024) -> torch.Tensor:
@@ -187,6 +333,59 @@ class StepSampler(Sampler[int]):
         return self.total_steps * self.batch_size
 
 
+class PackedStream(IterableDataset):
+    """Packs a :class:`TextStream` on the fly: tokenize ``text + "\\n"``, concatenate, cut ``seq_len`` rows.
+
+    Rows are numbered across epochs (epoch ``e`` re-reads the stream, shuffled with ``seed + e``,
+    up to ``token_budget`` tokens); row ``i`` belongs to step ``t, rem = divmod(i, w*B)`` and rank
+    ``rem // B``, so, as for lists, the batch of step ``t`` is a pure function of (seed, t, rank).
+    Every rank reads the stream and keeps its own rows; a run resumed at step ``t`` re-reads (and
+    drops) the rows of the steps before ``t``.
+    """
+
+    def __init__(self, stream: TextStream, tokenizer: Any, seq_len: int, batch_size: int, total_steps: int,
+                 rank: int = 0, world_size: int = 1, start_step: Callable[[], int] = lambda: 0,
+                 chunk: int = 16) -> None:
+        self.stream, self.tokenizer, self.seq_len = stream, tokenizer, int(seq_len)
+        self.batch_size, self.total_steps = int(batch_size), int(total_steps)
+        self.rank, self.world_size, self.start_step, self.chunk = int(rank), int(world_size), start_step, int(chunk)
+
+    def rows(self, epoch: int) -> Iterator[torch.Tensor]:
+        """The packed rows of one epoch (at most ``token_budget // seq_len`` of them)."""
+        budget = self.stream.token_budget
+        limit = None if budget is None else budget // self.seq_len
+        buf: list[int] = []
+        n = 0
+        texts = self.stream.texts(epoch)
+        while limit is None or n < limit:
+            batch = list(itertools.islice(texts, self.chunk if limit is None else min(self.chunk, limit - n)))
+            if not batch:
+                return
+            for row in self.tokenizer([t + "\n" for t in batch], add_special_tokens=False)["input_ids"]:
+                buf.extend(row)
+            while len(buf) >= self.seq_len and (limit is None or n < limit):
+                yield torch.tensor(buf[: self.seq_len], dtype=torch.long)
+                del buf[: self.seq_len]
+                n += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        B, w = self.batch_size, self.world_size
+        start, i, epoch = int(self.start_step()), 0, 0
+        while True:
+            got = 0
+            for row in self.rows(epoch):
+                got += 1
+                t, rem = divmod(i, w * B)
+                i += 1
+                if t >= self.total_steps:
+                    return
+                if t >= start and rem // B == self.rank:
+                    yield {"input_ids": row}
+            if got == 0:
+                raise DatasetTooSmallError(f"{self.stream.where} packs into no sequence of seq_len={self.seq_len}")
+            epoch += 1
+
+
 class PackedTextDataModule(pl.LightningDataModule):
     """Packs ``train_texts`` into ``seq_len`` sequences; batches per :class:`StepSampler`."""
 
@@ -197,13 +396,31 @@ class PackedTextDataModule(pl.LightningDataModule):
             raise ValueError(f"seq_len must be >= 2 for next-token prediction, got {seq_len}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.tokenizer, self.train_texts = tokenizer, list(train_texts)
+        self.tokenizer = tokenizer
+        self.train_texts = train_texts if isinstance(train_texts, TextStream) else list(train_texts)
         self.seq_len, self.batch_size, self.total_steps = int(seq_len), int(batch_size), int(total_steps)
         self.seed, self.world_size = int(seed), int(world_size)
         self.sequences: torch.Tensor | None = None
 
-    def prepare(self) -> torch.Tensor:
-        """Tokenize and pack once; raise if the text is shorter than one global batch."""
+    def stream(self, rank: int = 0, world: int = 1, start: Callable[[], int] = lambda: 0) -> PackedStream:
+        return PackedStream(self.train_texts, self.tokenizer, self.seq_len, self.batch_size, self.total_steps,
+                            rank, world, start)
+
+    def prepare(self) -> torch.Tensor | None:
+        """Tokenize and pack once; raise if the text is shorter than one global batch.
+
+        A :class:`TextStream` is not packed here (None): only its first global batch is read, as a check."""
+        if isinstance(self.train_texts, TextStream):
+            need = self.batch_size * self.world_size
+            got = sum(1 for _ in itertools.islice(self.stream().rows(0), need))
+            if got < need:
+                raise DatasetTooSmallError(
+                    f"{self.train_texts.where} packs into {got} sequences of seq_len={self.seq_len} tokens "
+                    f"(token_budget={self.train_texts.token_budget}), fewer than one batch (batch_size="
+                    f"{self.batch_size} x {self.world_size} processes = {need}). Raise data.token_budget, or lower "
+                    f"acip.seq_len / acip.batch_size."
+                )
+            return None
         if self.sequences is None:
             seqs = pack_tokens(self.tokenizer, self.train_texts, self.seq_len)
             need = self.batch_size * self.world_size
@@ -226,6 +443,8 @@ class PackedTextDataModule(pl.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
         start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
+        if isinstance(self.train_texts, TextStream):
+            return DataLoader(self.stream(rank, world, start), batch_size=self.batch_size, num_workers=0)
         sampler = StepSampler(self.batch_size, self.total_steps, rank, world, start)
         return DataLoader(PackedSequences(self.prepare(), self.seed), batch_size=self.batch_size,
                           sampler=sampler, num_workers=0)

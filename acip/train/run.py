@@ -180,6 +180,11 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     model, tok = _build(cfg.model)
     if tok is None:
         raise ValueError(f"the model at {cfg.model.get('path')!r} came without a tokenizer; save one next to it")
+    from .data import calibration_texts  # a streamed dataset: its first texts, enough for calibration
+
+    calib_texts = calibration_texts(train_texts, tok, max(
+        int(a.get("whiten_windows", 0) or 0) * int(a.get("whiten_seq_len", 0) or 0),
+        int(cfg.eval.get("activation_aware_windows", 0) or 0) * int(cfg.eval.get("seq_len", 0) or 0)) + 1)
     dm = PackedTextDataModule(tok, train_texts, a.seq_len, a.batch_size, schedule.total_steps, seed=int(cfg.seed),
                               world_size=_world(cfg))
     dm.prepare()  # fail early (dataset shorter than one batch) before any expensive SVD
@@ -187,11 +192,11 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     if config.basis == "activation_aware":  # masks over the SVD of W L
         from acip.eval.perplexity import token_windows
 
-        calib = token_windows(tok, train_texts, int(a.whiten_seq_len), int(a.whiten_windows))
+        calib = token_windows(tok, calib_texts, int(a.whiten_seq_len), int(a.whiten_windows))
     module = ACIPModule(None, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
                         meta={"run_dir": str(run_dir)},
                         build=parametrizer(model, config, calib, torch.random.get_rng_state()))
-    return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": train_texts,
+    return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": calib_texts,
             "heldout_texts": heldout_texts}
 
 
