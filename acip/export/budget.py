@@ -243,6 +243,7 @@ def _sensitivity(pm: ACIPModel, sm: ScoreMap, kept: list[np.ndarray], batches: l
     """``w_l``: loss increase with layer ``l`` alone at half its parameters, per unit of dropped energy."""
     layers = pm.svd_layers()
     alloc = sm.allocator()
+    at = {n: i for i, n in enumerate(alloc.names)}
     was = pm.model.training
     pm.model.eval()
     try:
@@ -252,7 +253,7 @@ def _sensitivity(pm: ACIPModel, sm: ScoreMap, kept: list[np.ndarray], batches: l
         for l, (name, layer) in enumerate(layers.items()):
             r50 = max(1, min(layer.max_rank, (layer.in_features * layer.out_features) // (2 * (layer.in_features + layer.out_features))))
             keep = torch.zeros(layer.max_rank, dtype=torch.bool, device=layer.mask.device)
-            keep[alloc.order_in_layer[l][:r50].to(keep.device)] = True
+            keep[alloc.order_in_layer[at[name]][:r50].to(keep.device)] = True
             layer.keep = keep
             try:
                 delta.append(calibration_loss(pm.model, batches) - base)
@@ -305,8 +306,9 @@ def cost_model(pm: ACIPModel, sm: ScoreMap, *, adapters: bool = True, lams: tupl
     alloc = sm.allocator()
     lift = pm.liftable_layers() if adapters else set(layers)
     kept, rmax, rdense, bias_b, per = [], [], [], [], []
+    at = {n: i for i, n in enumerate(alloc.names)}
     for l, (name, layer) in enumerate(layers.items()):
-        order = alloc.order_in_layer[l]
+        order = alloc.order_in_layer[at[name]]
         s2 = layer.singular_values.detach().double().cpu().pow(2)
         k = int(s2.numel())
         K = np.concatenate([[0.0], torch.cumsum(s2[order], 0).numpy() / max(float(s2.sum()), 1e-300)])
