@@ -1,7 +1,9 @@
 """The LightningModule of an ACIP run: the loss, and the algorithm after every optimiser step.
 
-    loss = CE(next token) + lambda_t * sum_l || ReLU(m_l) ||_1          (both terms in fp32)
+    loss = task + lambda_t * sum_l || ReLU(m_l) ||_1          (both terms in fp32)
 
+where ``task`` is the run's objective (:mod:`acip.train.objectives`: next-token CE by default,
+distillation from the model's own dense view, or both)
 in the ``"acip"`` phase; in the ``"post_tune"`` phase the L1 term is dropped and the masks'
 learning rate is 0 (they stay bit-identical while the LoRA adapters train). Only the masks and
 the LoRA factors are trainable; every other parameter is frozen.
@@ -17,7 +19,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
 from .schedule import ACIPSchedule
 
@@ -37,7 +38,7 @@ class ACIPModule(pl.LightningModule):
 
     def __init__(self, pm: Any, lr: float, lora_lr: float, weight_decay: float = 0.0,
                  schedule: ACIPSchedule | None = None, meta: dict | None = None,
-                 build: Any = None) -> None:
+                 build: Any = None, objective: Any = None) -> None:
         """``pm`` is the parametrized model, or None with ``build``: a callable ``build(device) ->
         ACIPModel`` that :meth:`configure_model` runs on the training device (after the strategy
         has set it up), so every DDP rank / FSDP shard parametrizes on its own device."""
@@ -46,6 +47,10 @@ class ACIPModule(pl.LightningModule):
             raise TypeError("ACIPModule needs a parametrized model pm, or build(device) -> ACIPModel")
         self.lr, self.lora_lr, self.weight_decay = float(lr), float(lora_lr), float(weight_decay)
         self.schedule = schedule if schedule is not None else ACIPSchedule()
+        from .objectives import CrossEntropy
+
+        self.objective = objective if objective is not None else CrossEntropy()  # acip.train.objectives
+        self.task_parts: dict[str, float] = {}
         self.l1_weight = self.schedule.l1_weight_at(0)
         self.meta, self.build_pm = meta, build
         self.pm: Any = None
@@ -101,16 +106,16 @@ class ACIPModule(pl.LightningModule):
         return torch.stack([torch.relu(m.float()).sum() for m in self.pm.mask_parameters()]).sum()
 
     def task_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy, logits upcast to fp32."""
-        logits = self.pm(input_ids=input_ids).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+        """The objective's fp32 task loss (its named parts go to ``self.task_parts``)."""
+        loss, self.task_parts = self.objective(self.pm, input_ids)
+        return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         task, l1 = self.task_loss(batch["input_ids"]), self.l1_term()
         loss = task + self.l1_weight * l1 if self.phase == "acip" else task
         self.check_finite(loss)
         self.last = {"task_loss": float(task.detach()), "l1_loss": float(l1.detach()), "loss": float(loss.detach()),
-                     "l1_weight": self.l1_weight}
+                     "l1_weight": self.l1_weight, **self.task_parts}
         return loss
 
     def check_finite(self, loss: torch.Tensor) -> None:

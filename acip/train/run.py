@@ -195,7 +195,8 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
         calib = token_windows(tok, calib_texts, int(a.whiten_seq_len), int(a.whiten_windows))
     module = ACIPModule(None, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
                         meta={"run_dir": str(run_dir)},
-                        build=parametrizer(model, config, calib, torch.random.get_rng_state()))
+                        build=parametrizer(model, config, calib, torch.random.get_rng_state()),
+                        objective=_build(cfg.objective) if cfg.get("objective") is not None else None)
     return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": calib_texts,
             "heldout_texts": heldout_texts}
 

@@ -1,0 +1,126 @@
+"""Compare finished runs on the validation splits of the training data, and on held-out text.
+
+    python scripts/bench_objectives.py RUN_DIR [RUN_DIR ...] [--labels A B ...] [--windows 8]
+                                       [--ratios 0.9 0.8 0.6] [--no-adapters]
+
+Validation domains (the ones a choice of settings may look at): the held-out split of the
+self-generated data (``conf/data/self_generated.yaml`` on the run's model, read from the acip
+cache) and KJV's held-out split. Held-out domains (measured only, never trained on or used to
+choose): Python ``pydoc`` text and Python standard-library source code. Every run is evaluated
+on the same windows with ``pm.prune`` (what ``acip.export`` keeps), with its adapters and, with
+``--no-adapters``, without them (LoRA B zeroed, so every layer is lifted as ``adapters=False``).
+The validation aggregate is the geometric mean of ppl / fp32 over both validation domains and
+all ratios; lower is better.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import acip
+from acip.eval import perplexity, token_windows
+from machine import machine_header  # scripts/machine.py
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC_MODULES = ["textwrap", "csv", "fractions", "shlex", "heapq", "bisect"]
+
+
+def sg_val(seed: int = 0) -> list[str]:
+    node = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
+                             "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml")})
+    return list(instantiate(node.data)[1])
+
+
+def domains() -> dict[str, list[str]]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_quality import pydoc_texts
+
+    import importlib
+
+    src = [inspect.getsource(importlib.import_module(m)) for m in SRC_MODULES]
+    return {"sg_val": sg_val(), "kjv_val": list(acip.data.kjv_split()[1]), "pydoc": pydoc_texts(), "pysrc": src}
+
+
+VALIDATION = ("sg_val", "kjv_val")
+
+
+def sweep(pm, tok, wins: dict[str, torch.Tensor], ratios: list[float], adapters: bool) -> dict[str, dict[float, float]]:
+    saved = []
+    if not adapters:
+        for l in pm.svd_layers().values():
+            if l.lora_B is not None:
+                saved.append((l, l.lora_B.detach().clone()))
+                l.lora_B.data.zero_()
+    out: dict[str, dict[float, float]] = {d: {} for d in wins}
+    try:
+        for r in ratios:
+            pm.prune(r, pm.score_map)
+            for d, w in wins.items():
+                out[d][r] = perplexity(pm, tok, w, batch_size=4, progress=False)
+            print(f"  ratio {r}: " + ", ".join(f"{d} {out[d][r]:.2f}" for d in wins), flush=True)
+    finally:
+        pm.unprune()
+        for l, b in saved:
+            l.lora_B.data.copy_(b)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--labels", nargs="+")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.6])
+    ap.add_argument("--no-adapters", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(machine_header(("transformers", "acip")))
+    labels = args.labels or [p.name for p in args.runs]
+    texts = domains()
+    res: dict = {}
+    fp32: dict[str, float] = {}
+    for label, run in zip(labels, args.runs):
+        pm = acip.load(run)
+        tok = pm.tokenizer if hasattr(pm, "tokenizer") else None
+        if tok is None:
+            tok = acip.load_base("smollm2-135m")[1]
+        wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
+        if not fp32:
+            with torch.no_grad(), pm.dense_view():
+                fp32 = {d: perplexity(pm, tok, w, batch_size=4, progress=False) for d, w in wins.items()}
+            print("fp32:", fp32, flush=True)
+        print(label, flush=True)
+        for ad in ([True, False] if args.no_adapters else [True]):
+            key = label if ad else f"{label} (no adapters)"
+            res[key] = sweep(pm, tok, wins, args.ratios, ad)
+        del pm
+    print(f"\n### {args.windows} windows x {args.seq_len} tokens per domain; ppl (x fp32)\n")
+    doms = list(texts)
+    print("| run | ratio | " + " | ".join(doms) + " |\n|---|---:|" + "---:|" * len(doms))
+    print("| fp32 | 1.00 | " + " | ".join(f"{fp32[d]:.2f}" for d in doms) + " |")
+    agg = {}
+    for key, cols in res.items():
+        for r in args.ratios:
+            print(f"| {key} | {r:.2f} | " + " | ".join(f"{cols[d][r]:.2f} ({cols[d][r] / fp32[d]:.2f}x)" for d in doms) + " |")
+        logs = [math.log(cols[d][r] / fp32[d]) for d in VALIDATION for r in args.ratios]
+        agg[key] = math.exp(sum(logs) / len(logs))
+    print("\n| run | validation aggregate (geo-mean ppl/fp32 over " + ", ".join(VALIDATION) + " x ratios) |\n|---|---:|")
+    for key, v in agg.items():
+        print(f"| {key} | {v:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"fp32": fp32, "runs": {k: {d: {str(r): v for r, v in c.items()} for d, c in cols.items()}
+                                                               for k, cols in res.items()}, "aggregate": agg}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
