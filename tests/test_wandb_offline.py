@@ -24,9 +24,11 @@ def test_offline_run_files_hold_the_metric_keys_images_and_table():
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["domain", "method", "ratio", "ppl", "x_dense", "measured_ratio", "adapters"]
     res = json.loads((run / "results.json").read_text())
-    # every domain (and the validation split): a dense row, then each method at each ratio
-    n_methods = len(res["ppl"])
-    assert len(table["data"]) == (len(res["domains"]) + 1) * (1 + n_methods * len(res["ratios"]))
+    # every domain (and the validation split, where only ACIP's columns are measured): a dense row, then
+    # each method at each ratio
+    n = len(res["ratios"])
+    assert len(table["data"]) == len(res["domains"]) * (1 + len(res["ppl"]) * n) + 1 + len(res["val_ppl"]) * n
+    assert set(res["val_ppl"]) == {"acip", "acip_adapters", "acip_no_adapters"}
     assert {row[0] for row in table["data"]} == {*res["domains"], "val"}
     # W&B's cache/data/config directories were kept inside the run directory
     assert (run / "wandb" / ".cache").is_dir() and (run / "wandb_run_id.txt").read_text().strip() in runs[0].name

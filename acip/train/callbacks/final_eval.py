@@ -196,10 +196,16 @@ class FinalEvaluation(pl.Callback):
             maps["acip_no_adapters"] = (sm, {"adapters": False})
         else:
             maps["acip"] = (sm, {"adapters": True})
+        ev = evaluate_score_maps(maps, wins, self.ratios, pm)
+        reported = {d: w for d, w in wins.items() if d != VAL}  # the baselines choose nothing: no validation
         if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
             base_map = ScoreMap.from_singular_values(pm)  # untrained: the adapters left out
             maps[base_map.method] = (base_map, {"adapters": False})
-        ev = evaluate_score_maps(maps, wins, self.ratios, pm)
+            ev_base = evaluate_score_maps({base_map.method: maps[base_map.method]}, reported, self.ratios, pm)
+            for d in reported:
+                ev["ppl"][d].update(ev_base["ppl"][d])
+            for key in ("measured_ratio", "ranks", "adapters"):
+                ev[key].update(ev_base[key])
         auto: dict[float, bool] = {}
         if choose:
             val = {r: {"adapters": ev["ppl"][VAL]["acip_adapters"][r], "no_adapters": ev["ppl"][VAL]["acip_no_adapters"][r]}
@@ -222,8 +228,8 @@ class FinalEvaluation(pl.Callback):
         if self.calib_windows and "activation_aware" not in maps:
             extra_maps.append(self.activation_aware(pm))
         for other_pm, other_map in extra_maps:
-            ev_other = evaluate_score_maps({other_map.method: other_map}, wins, self.ratios, other_pm)
-            for d in ev["ppl"]:
+            ev_other = evaluate_score_maps({other_map.method: other_map}, reported, self.ratios, other_pm)
+            for d in reported:
                 ev["ppl"][d].update(ev_other["ppl"][d])
             for key in ("measured_ratio", "ranks", "adapters"):
                 ev[key].update(ev_other[key])
