@@ -33,20 +33,30 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC_MODULES = ["textwrap", "csv", "fractions", "shlex", "heapq", "bisect"]
 
 
-def sg_val(seed: int = 0) -> list[str]:
+def sg_val(runs: list[Path], seed: int = 0) -> list[str]:
+    """The held-out split of the self-generated data: from the first run trained on it (its saved
+    data node, a cache hit), else ``conf/data/self_generated.yaml`` on SmolLM2."""
+    for run in runs:
+        cfg = OmegaConf.load(run / "config.yaml")
+        node = cfg.data
+        if str(node.get("_target_", "")).endswith("sources.mix"):
+            node = next((c.data for c in node.components.values()
+                         if str(c.data.get("_target_", "")).endswith("self_generated")), None)
+        if node is not None and str(node.get("_target_", "")).endswith("self_generated"):
+            return list(instantiate(node, _recursive_=False)[1])
     node = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
                              "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml")})
     return list(instantiate(node.data)[1])
 
 
-def domains() -> dict[str, list[str]]:
+def domains(runs: list[Path]) -> dict[str, list[str]]:
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_quality import pydoc_texts
 
     import importlib
 
     src = [inspect.getsource(importlib.import_module(m)) for m in SRC_MODULES]
-    return {"sg_val": sg_val(), "kjv_val": list(acip.data.kjv_split()[1]), "pydoc": pydoc_texts(), "pysrc": src}
+    return {"sg_val": sg_val(runs), "kjv_val": list(acip.data.kjv_split()[1]), "pydoc": pydoc_texts(), "pysrc": src}
 
 
 VALIDATION = ("sg_val", "kjv_val")
@@ -86,15 +96,19 @@ def main() -> None:
     torch.set_num_threads(1)
     print(machine_header(("transformers", "acip")))
     labels = args.labels or [p.name for p in args.runs]
-    texts = domains()
+    texts = domains(args.runs)
     res: dict = {}
     fp32: dict[str, float] = {}
+    tok, wins = None, {}
     for label, run in zip(labels, args.runs):
         pm = acip.load(run)
-        tok = pm.tokenizer if hasattr(pm, "tokenizer") else None
         if tok is None:
-            tok = acip.load_base("smollm2-135m")[1]
-        wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
+            from transformers import AutoTokenizer
+
+            from acip.core.base import cache_dir
+
+            tok = AutoTokenizer.from_pretrained(str(cache_dir() / "smollm2-135m"))
+            wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
         if not fp32:
             with torch.no_grad(), pm.dense_view():
                 fp32 = {d: perplexity(pm, tok, w, batch_size=4, progress=False) for d, w in wins.items()}

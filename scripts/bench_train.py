@@ -1,6 +1,7 @@
 """Step time of the parametrized SmolLM2 against the dense model, along the size ratio.
 
     python scripts/bench_train.py [--batch 4] [--seq-len 128] [--reps 5] [--threads 1]
+                                  [--objectives ce kd ce_kd] [--only-objectives]
 
 One training step = forward + backward (+ AdamW step on the trainable tensors). Three dense
 references: all weights train (forward + backward + AdamW); the same without the optimiser step
@@ -9,12 +10,18 @@ plain LoRA tuning). The parametrized model trains masks + LoRA (r=8, as the quic
 directions pruned to each ratio by ``pm.prune`` (the forward then multiplies only active ranks).
 All rows come from one run, interleaved per repetition; medians are reported, relative to the
 first dense reference.
+
+Objective rows: one training step of the parametrized model (masks + LoRA r=8, pruned to ratio 0.8
+so that student and teacher differ) with each task loss of ``acip.train.objectives`` on the same
+batch (``kd`` / ``ce_kd`` add the teacher forward under ``pm.dense_view()``), step time relative to
+``ce``, and the peak resident memory above the step's starting RSS (sampled every 2 ms).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
+import threading
 import time
 
 import torch
@@ -35,6 +42,33 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, x: torch.Ten
     return dt
 
 
+def objective_step(pm, objective, opt, x: torch.Tensor) -> tuple[float, float]:
+    """Seconds and peak RSS increase (MB) of forward + backward + optimiser step with ``objective``."""
+    import psutil
+
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    peak = [start]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    loss, _ = objective(pm, x)
+    loss.backward()
+    opt.step()
+    dt = time.perf_counter() - t
+    done.set()
+    th.join()
+    pm.zero_grad(set_to_none=True)
+    return dt, (peak[0] - start) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
@@ -42,6 +76,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.4])
+    ap.add_argument("--objectives", nargs="*", default=["ce", "kd", "ce_kd"])
+    ap.add_argument("--only-objectives", action="store_true", help="skip the dense and ratio rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,6 +85,8 @@ def main() -> None:
     model, tok = acip.load_base("smollm2-135m")
     train, _ = acip.data.kjv_split()
     x = acip.eval.token_windows(tok, train, args.seq_len, args.batch)
+    if args.only_objectives:
+        return objective_rows(model, x, args)
     dense = copy.deepcopy(model).train()
     for p in dense.parameters():
         p.requires_grad_(True)
@@ -82,6 +120,45 @@ def main() -> None:
     for r in args.ratios:
         k = f"{r:.1f}"
         print(f"| parametrized, masks + LoRA r=8 | {r:.2f} | {med[k]:.2f} | {med[k] / med['dense']:.2f}x |")
+
+    if args.objectives:
+        objective_rows(pm.model, x, args, pm=pm)
+
+
+def objective_rows(model, x: torch.Tensor, args, pm=None) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "objective"
+    objs = {name: instantiate(OmegaConf.load(conf / f"{name}.yaml")) for name in args.objectives}
+    if pm is None:
+        pm = acip.parametrize(model, lora={"r": 8, "lora_alpha": 16}, svd_dtype=torch.float32)
+    pm.train()
+    trainable = list(pm.mask_parameters()) + list(pm.lora_parameters())
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=0.0)
+    pm.prune(0.8, acip.ScoreMap.from_singular_values(pm))
+    times: dict[str, list[float]] = {n: [] for n in objs}
+    mem: dict[str, list[float]] = {n: [] for n in objs}
+    for n, o in objs.items():  # warm-up
+        objective_step(pm, o, opt, x)
+    for _ in range(args.reps):
+        for n, o in objs.items():
+            dt, mb = objective_step(pm, o, opt, x)
+            times[n].append(dt)
+            mem[n].append(mb)
+    pm.unprune()
+    med = {n: statistics.median(v) for n, v in times.items()}
+    ref = med.get("ce", next(iter(med.values())))
+    print(f"\n### Objectives: one step of the parametrized model (masks + LoRA r=8, pruned to 0.8), batch "
+          f"{args.batch} x {args.seq_len}, median of {args.reps} (same run)\n")
+    print("| objective | step s | relative to ce | peak RSS above the step's start, MB |\n|---|---:|---:|---:|")
+    for n in objs:
+        print(f"| {n} | {med[n]:.2f} | {med[n] / ref:.2f}x | {statistics.median(mem[n]):.0f} |")
 
 
 if __name__ == "__main__":
