@@ -70,6 +70,20 @@ def test_final_evaluation_refuses_a_bad_domain_before_training(tmp_path):
         FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "val", "texts": ["x"]}])
     ev = FinalEvaluation(tmp_path, None, [str(i) for i in range(10)], val_fraction=0.3)
     assert ev.val_texts == ["0", "1", "2"] and ev.heldout_texts == [str(i) for i in range(3, 10)]
+    with pytest.raises(ValueError, match="windows must be"):
+        FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "pydoc", "windows": 0}])
+
+
+def test_each_domain_gets_its_own_windows(tmp_path):
+    from acip.train.callbacks.final_eval import FinalEvaluation
+    from acip.train.models import byte_tokenizer
+
+    held = [f"verse {i} of the held-out split, long enough for a window" for i in range(40)]
+    ev = FinalEvaluation(tmp_path, byte_tokenizer(), held, seq_len=16, max_windows=5,
+                         domains=["heldout", {"name": "pydoc", "windows": 2}, {"name": "x", "texts": ["y" * 200]}])
+    wins = ev.windows()
+    assert list(wins) == ["val", "heldout", "pydoc", "x"]
+    assert [len(w) for w in wins.values()] == [5, 5, 2, 5] and wins["val"].shape[1] == 16
 
 
 def test_multi_domain_evaluation_exports_once_per_ratio():

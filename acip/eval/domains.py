@@ -9,6 +9,8 @@ one of:
 * ``"kjv"``: the held-out 10% of the King James Bible (``acip.data.kjv_split``);
 * ``"pydoc"``: Python's ``pydoc`` plain-text documentation of :data:`EVAL_MODULES`;
 * ``"python_source"``: the Python source code of the same standard-library modules;
+* ``{"name": "pydoc", "windows": 8}``: a built-in domain on its own number of windows (the final
+  evaluation otherwise takes ``eval.max_windows`` of every domain);
 * a mapping ``{"name": ..., "paths": [file, ...]}``: your own text files (``.txt``: paragraphs
   separated by blank lines; ``.jsonl``: one ``{"text": ...}`` per line), or ``{"name": ..., "texts": [...]}``.
 
@@ -130,6 +132,12 @@ def check_domains(specs: Sequence[Any]) -> list[str]:
                     raise FileNotFoundError(f"eval.domains: {name!r}: no file at {str(path)!r}")
             if "paths" not in spec and "texts" not in spec and name not in BUILTIN_DOMAINS:
                 raise ValueError(f"eval.domains: {name!r} needs 'paths' (text files) or 'texts'")
+            w = spec.get("windows")
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise ValueError(f"eval.domains: {name!r}: windows must be an integer >= 1, got {w!r}")
+            unknown = set(spec) - {"name", "paths", "texts", "windows"}
+            if unknown:
+                raise ValueError(f"eval.domains: {name!r}: unknown keys {sorted(unknown)} (name, paths, texts, windows)")
         elif isinstance(spec, str):
             if spec not in BUILTIN_DOMAINS:
                 raise ValueError(f"eval.domains: unknown domain {spec!r}; built-in: {', '.join(BUILTIN_DOMAINS)}, "

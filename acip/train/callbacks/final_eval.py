@@ -167,9 +167,11 @@ class FinalEvaluation(pl.Callback):
         texts = resolve_domains(self.domain_specs, self.heldout_texts)
         if VAL in texts:
             raise ValueError(f"eval.domains: {VAL!r} is the validation split's name; name the domain otherwise")
+        own = {spec["name"]: int(spec["windows"]) for spec in self.domain_specs
+               if isinstance(spec, Mapping) and spec.get("windows") is not None}  # {name: x, windows: 8}
         out = {VAL: token_windows(self.tokenizer, self.val_texts, self.seq_len, self.val_windows)}
         for name, t in texts.items():
-            out[name] = token_windows(self.tokenizer, t, self.seq_len, self.max_windows)
+            out[name] = token_windows(self.tokenizer, t, self.seq_len, own.get(name, self.max_windows))
         return out
 
     @torch.no_grad()
