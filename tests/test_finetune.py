@@ -1,6 +1,7 @@
 """acip.finetune: LoRA on an export's factors, merged exactly; the CLI on a tiny run, read back by acip.load."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,17 @@ def test_finetune_cli_on_a_tiny_run_saves_a_model_acip_load_reads(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "acip.finetune", str(run), "ratio=0.6", "steps=0"], env=child_env(),
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+
+
+def test_distillation_objective_uses_the_runs_uncompressed_model_as_teacher():
+    objectives = pytest.importorskip("acip.train.objectives")
+    pm = acip.parametrize(tiny_model("llama"))
+    small = acip.export(pm, 0.5, score_map=ScoreMap.from_singular_values(pm))
+    windows = torch.randint(0, 96, (8, 16))
+    kd = objectives.Distillation(temperature=1.0, kd_weight=1.0)
+    rec = finetune(small, windows, 12, lr=5e-3, r=4, objective=kd, teacher=pm, log=None)
+    assert math.isfinite(rec["loss_first"]) and rec["loss_first"] > 0  # the export differs from its teacher
+    assert rec["loss_last"] < rec["loss_first"]  # and moves towards it
+    with pytest.raises(ValueError, match="teacher"):
+        finetune(acip.export(pm, 0.5, score_map=ScoreMap.from_singular_values(pm)), windows, 1, objective=kd,
+                 log=None)
