@@ -7,7 +7,8 @@ Validation domains (the ones a choice of settings may look at): the held-out spl
 self-generated data (``conf/data/self_generated.yaml`` on the run's model, read from the acip
 cache) and KJV's held-out split. Held-out domains (measured only, never trained on or used to
 choose): Python ``pydoc`` text and Python standard-library source code. Every run is evaluated
-on the same windows with ``pm.prune`` (what ``acip.export`` keeps), with its adapters and, with
+on the same windows with ``pm.prune`` (what ``acip.export`` keeps; the trained masks are set to
+their scaling meanwhile, so the score map alone decides which directions are active), with its adapters and, with
 ``--no-adapters``, without them (LoRA B zeroed, so every layer is lifted as ``adapters=False``).
 The validation aggregate is the geometric mean of ppl / fp32 over both validation domains and
 all ratios; lower is better.
@@ -64,6 +65,9 @@ VALIDATION = ("sg_val", "kjv_val")
 
 def sweep(pm, tok, wins: dict[str, torch.Tensor], ratios: list[float], adapters: bool) -> dict[str, dict[float, float]]:
     saved = []
+    masks = [(l, l.mask.detach().clone()) for l in pm.svd_layers().values()]
+    for l in pm.svd_layers().values():  # the trained masks would keep the run's stop ratio: the map decides
+        l.mask.data.fill_(l.mask_scaling)
     if not adapters:
         for l in pm.svd_layers().values():
             if l.lora_B is not None:
@@ -80,6 +84,8 @@ def sweep(pm, tok, wins: dict[str, torch.Tensor], ratios: list[float], adapters:
         pm.unprune()
         for l, b in saved:
             l.lora_B.data.copy_(b)
+        for l, m in masks:
+            l.mask.data.copy_(m)
     return out
 
 
@@ -92,11 +98,12 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.6])
     ap.add_argument("--no-adapters", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sg-from", type=Path, help="read the self-generated validation split from this run's config")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine_header(("transformers", "acip")))
     labels = args.labels or [p.name for p in args.runs]
-    texts = domains(args.runs)
+    texts = domains(([args.sg_from] if args.sg_from else []) + list(args.runs))
     res: dict = {}
     fp32: dict[str, float] = {}
     tok, wins = None, {}

@@ -46,9 +46,17 @@ def main() -> None:
     panels = [p for p in panels if p[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, runs) in zip(axes[0], panels):
+        stops = set()
         for label, run in runs:
             s, r = read(run)
             ax.plot(s, r, marker="o", markersize=3, label=label)
+            cfg = run / "config.yaml"
+            if cfg.is_file():
+                from omegaconf import OmegaConf
+
+                stops.add(float(OmegaConf.load(cfg).acip.stop_ratio))
+        for st in stops:
+            ax.axhline(st, linestyle=":", color="grey", linewidth=1)
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("size ratio of the target layers")
         ax.set_ylim(-0.02, 1.05)
