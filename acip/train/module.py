@@ -78,6 +78,9 @@ class ACIPModule(pl.LightningModule):
         if self.pm is None:
             device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             self.adopt(self.build_pm(device))
+            from .scale import shard_setup
+
+            shard_setup(self)  # trainer=fsdp: masks stay replicated (fp32) outside the shards
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Module conversions (``trainer.precision=bf16-true`` casts the whole module) leave the masks and

@@ -126,6 +126,10 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"trainer.precision={precision} trains the model's own weights in {want}, but model.dtype="
                          f"{dtype}: load it in that dtype (model.dtype={want}), or use trainer.precision="
                          f"{precision[:-5]}-mixed to keep the {dtype} weights and compute in {want}")
+    if "fsdp" in str(cfg.trainer.get("strategy", "")) and cfg.eval.enabled:
+        raise ValueError("trainer=fsdp needs eval.enabled=false: the final evaluation exports the sharded model "
+                         "(not supported yet). Evaluate the finished run in one process: acip.export(<run_dir>, "
+                         "ratio=...) or acip-export <run_dir> --ratio ...")
     _float(a, "lr", "acip", positive=True)
     _float(a, "lora_lr", "acip", positive=False)
     _float(a, "weight_decay", "acip", positive=False)
@@ -158,7 +162,10 @@ def _build(node: Any) -> Any:
 
 
 def _world(cfg: DictConfig) -> int:
-    if str(cfg.trainer.get("strategy", "auto")).startswith(("ddp", "fsdp")):
+    strategy = cfg.trainer.get("strategy", "auto")
+    if OmegaConf.is_dict(strategy):  # trainer=fsdp: {_target_: acip.train.scale.fsdp_strategy, ...}
+        strategy = str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
+    if str(strategy).startswith(("ddp", "fsdp")):
         return int(cfg.trainer.get("devices", 1) or 1)
     return 1
 
