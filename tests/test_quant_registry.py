@@ -49,8 +49,8 @@ class HalfLinear(nn.Linear):
 
 def test_user_account_of_the_public_surface() -> None:
     assert sorted(quant.__all__) == sorted([
-        "ChecksumError", "EntQuantLinear", "EntropyQuantConfig", "NF4Config", "quantize_", "register_quantizer",
-        "report", "set_decode_mode"])
+        "ChecksumError", "EntQuantLinear", "EntropyQuantConfig", "LosslessConfig", "LosslessLinear", "NF4Config",
+        "quantize_", "register_quantizer", "report", "set_decode_mode"])
     assert not hasattr(quant, "apply")
     for plumbing in ("quantized_layers", "target_linears", "decode_many", "quantize_weight", "CodecError"):
         assert hasattr(quant, plumbing)  # importable, unlisted

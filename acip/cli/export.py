@@ -1,6 +1,6 @@
 """``acip-export`` / ``python -m acip.export``: export a finished run at one ratio and save it.
 
-    acip-export <run_dir> --ratio 0.6 [--quantize entropy --quantize-arg lam=14.5] [--no-adapters] [--out DIR]
+    acip-export <run_dir> --ratio 0.6 [--quantize entropy --quantize-arg lam=14.5] [--adapters auto|true|false] [--out DIR]
     acip-export <run_dir> --size-mb 40            (or --bits-per-param 3.0) [--calib-windows 8]
 
 The Hydra-style spelling of earlier versions (``run_dir=... ratio=0.6 quantize=entropy
@@ -72,10 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-windows", type=int, default=0, metavar="N",
                     help="with a byte budget: measure per-layer sensitivities on N windows of 128 tokens of the "
                          "KJV training split (default 0: data-free cost model)")
-    ap.add_argument("--quantize", choices=["entropy", "nf4"], default=None, help="hand the factors to a quantizer")
+    ap.add_argument("--quantize", choices=["entropy", "nf4", "lossless"], default=None,
+                    help="hand the factors to a quantizer (options with --quantize-arg)")
     ap.add_argument("--quantize-arg", type=_kv, action="append", default=[], metavar="FIELD=VALUE",
                     help="a field of the quantizer's config, e.g. lam=14.5 (repeatable)")
-    ap.add_argument("--no-adapters", action="store_true", help="leave the run's LoRA adapters out")
+    ap.add_argument("--adapters", choices=["auto", "true", "false"], default="auto",
+                    help="fold the run's LoRA adapters in: auto (where the run measured them to help on its "
+                         "validation split; the default), true or false")
+    ap.add_argument("--no-adapters", action="store_const", const="false", dest="adapters",
+                    help="the same as --adapters false")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: inside the run directory)")
     return ap
 
@@ -94,10 +99,7 @@ def _modernise(argv: Sequence[str]) -> list[str]:
         elif key.startswith("quantize."):
             out += ["--quantize-arg", f"{key.split('.', 1)[1]}={val}"]
         elif key == "adapters":
-            if val.lower() in ("false", "no", "0"):
-                out.append("--no-adapters")
-            elif val.lower() not in ("true", "yes", "1"):
-                out.append(f"--adapters={val}")  # argparse names it as unrecognised
+            out.append(f"--adapters={ {'no': 'false', '0': 'false', 'yes': 'true', '1': 'true'}.get(val.lower(), val.lower())}")
         else:
             out.append(f"--{key}={val}")  # argparse names it as unrecognised
     return out
@@ -126,14 +128,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ap.error(f"{str(run_dir)!r} holds no {STATE_FILE}: pass the directory of a finished run "
                  f"(or convert an old one with python -m acip.convert {run_dir})")
     quantize: Any = None
-    if args.quantize == "entropy":
-        from acip.quant import EntropyQuantConfig
+    if args.quantize is not None:
+        from acip.quant.registry import resolve_config
 
-        quantize = EntropyQuantConfig(**dict(args.quantize_arg)) if args.quantize_arg else "entropy"
-    elif args.quantize == "nf4":
-        if args.quantize_arg:
-            ap.error("--quantize nf4 takes no --quantize-arg options")
-        quantize = "nf4"
+        try:  # the registry builds (and validates) the quantizer's config from its alias and fields
+            quantize = resolve_config({"name": args.quantize, **dict(args.quantize_arg)})
+        except (TypeError, ValueError) as e:
+            ap.error(f"--quantize {args.quantize} {' '.join(f'--quantize-arg {k}={v}' for k, v in args.quantize_arg)}: {e}")
     import json
 
     import torch
@@ -142,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     base, tok = (load_base(cfg.source.model, dtype=getattr(torch, cfg.source.dtype)) if cfg.source.model
                  else (None, None))  # the base model once, with its tokenizer
     pm = ACIPModel.from_pretrained(run_dir, model=base)
-    adapters = not args.no_adapters
-    suffix = (f"-{args.quantize}" if quantize is not None else "") + ("" if adapters else "-no-adapters")
+    adapters: bool | str = {"auto": "auto", "true": True, "false": False}[args.adapters]
+    suffix = (f"-{args.quantize}" if quantize is not None else "") + ("-no-adapters" if adapters is False else "")
     if budget:
         return _export_budget(args, ap, run_dir, pm, tok, adapters)
     out = args.out or run_dir / f"export_r{int(round(100 * args.ratio))}{suffix}"
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_dir: Path, pm: Any, tok: Any,
-                   adapters: bool) -> Path:
+                   adapters: bool | str) -> Path:
     """``--size-mb`` / ``--bits-per-param``: the byte-budget export, its cost model cached in ``run_dir``."""
     from acip.export.budget import COST_FILE, BudgetError, export_budget
 
@@ -171,7 +172,7 @@ def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_di
 
         calib = [w[None] for w in token_windows(tok, kjv_split()[0], 128, args.calib_windows)]
     name = f"mb{args.size_mb:g}" if args.size_mb is not None else f"b{args.bits_per_param:g}"
-    out = args.out or run_dir / (f"export_{name}" + ("" if adapters else "-no-adapters"))
+    out = args.out or run_dir / (f"export_{name}" + ("-no-adapters" if adapters is False else ""))
     try:
         model = export_budget(pm, size_mb=args.size_mb, bits_per_param=args.bits_per_param, adapters=adapters,
                               calib=calib, cache=run_dir / COST_FILE,

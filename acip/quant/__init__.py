@@ -27,6 +27,6 @@ from .registry import quantize_, register_quantizer, resolve_config, target_line
 from .report import LayerRow, QuantReport, report
 
 __all__ = [
-    "ChecksumError", "EntQuantLinear", "EntropyQuantConfig", "NF4Config", "quantize_", "register_quantizer",
-    "report", "set_decode_mode",
+    "ChecksumError", "EntQuantLinear", "EntropyQuantConfig", "LosslessConfig", "LosslessLinear", "NF4Config",
+    "quantize_", "register_quantizer", "report", "set_decode_mode",
 ]
