@@ -153,6 +153,10 @@ class ACIPModel(nn.Module):
         """
         return {n for n, l in self.svd_layers().items() if l.lora_B is None or not bool(l.lora_B.detach().any())}
 
+    def has_trained_adapters(self) -> bool:
+        """Whether any layer has a LoRA adapter with ``B != 0`` (the complement of :meth:`liftable_layers`)."""
+        return any(l.lora_B is not None and bool(l.lora_B.detach().any()) for l in self.svd_layers().values())
+
     def unprune(self) -> None:
         for l in self.svd_layers().values():
             l.keep = None

@@ -30,11 +30,6 @@ AUTO_KEY = "adapters_auto"
 VAL_KEY = "adapters_auto_val"
 
 
-def _has_trained_adapters(pm: Any) -> bool:
-    layers = pm.svd_layers()
-    return any(n not in pm.liftable_layers() for n in layers)
-
-
 def recorded_decisions(score_map: Any) -> dict[float, bool]:
     """``{ratio: adapters}`` recorded in ``score_map.meta`` (empty if none)."""
     raw = (getattr(score_map, "meta", None) or {}).get(AUTO_KEY) or {}
@@ -45,7 +40,7 @@ def recorded_decisions(score_map: Any) -> dict[float, bool]:
 
 def decide_adapters(pm: Any, score_map: Any, ratio: float | None) -> bool:
     """The ``adapters`` flag ``export(..., adapters="auto")`` uses for ``pm`` / ``score_map`` at ``ratio``."""
-    if not _has_trained_adapters(pm):
+    if not pm.has_trained_adapters():
         return False  # nothing to fold in: both exports are the same
     dec = recorded_decisions(score_map)
     if not dec:

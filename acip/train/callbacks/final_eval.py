@@ -190,7 +190,7 @@ class FinalEvaluation(pl.Callback):
         with pm.dense_view():  # the uncompressed model: every W, no adapters
             reference = {d: perplexity(pm, None, w, progress=False) for d, w in wins.items()}
         sm = pl_module.score_map
-        trained = any(n not in pm.liftable_layers() for n in pm.svd_layers())
+        trained = pm.has_trained_adapters()
         choose = trained and self.no_adapters
         maps: dict[str, Any] = {}
         if choose:  # both, then column "acip" is the auto choice (no further export)
