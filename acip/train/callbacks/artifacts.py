@@ -43,6 +43,9 @@ class RunArtifacts(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
         # a step that failed in its loss check left the masks of the last good step; never
-        # overwrite good files with non-finite state
+        # overwrite good files with non-finite state. A run that failed before configure_model
+        # (no model, no score map yet) has nothing to save.
+        if getattr(pl_module, "pm", None) is None or getattr(pl_module, "score_map", None) is None:
+            return
         if _finite(pl_module.score_map.scores.values()) and _finite(pl_module.pm.adapter_state().values()):
             self.save(trainer, pl_module)
