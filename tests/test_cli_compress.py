@@ -42,7 +42,9 @@ def test_run_directory_holds_every_artifact_and_results_beat_nothing():
     assert res["val_ppl_mean"] == pytest.approx(
         math.exp(sum(math.log(res["val_ppl"]["acip"][f"{r:g}"]) for r in res["ratios"] if r < 1)
                  / sum(1 for r in res["ratios"] if r < 1)))
-    assert res["eval"]["val_texts"] + res["eval"]["heldout_texts"] == 200  # disjoint halves of the held-out split
+    # the validation split is set aside from the training texts; the held-out split is measured whole
+    assert res["eval"]["heldout_texts"] == 200 and 1 <= res["eval"]["val_texts"] <= 150
+    assert res["eval"]["tokens"]["val"] == 8 * 64
     if "1" in res["ppl"]["acip"]:  # at full size both baselines are the untouched model
         assert res["ppl"]["activation_aware"]["1"] == pytest.approx(res["ppl"]["singular_values"]["1"], rel=1e-4)
     # the whitened basis orders directions differently: not a copy of the singular-value column

@@ -65,13 +65,57 @@ def test_final_evaluation_refuses_a_bad_domain_before_training(tmp_path):
     from acip.train.callbacks.final_eval import FinalEvaluation
 
     with pytest.raises(ValueError, match="unknown domain"):
-        FinalEvaluation(tmp_path, None, ["a", "b"], domains=["heldout", "wikipedia"])
-    with pytest.raises(ValueError, match="validation"):
-        FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "val", "texts": ["x"]}])
-    ev = FinalEvaluation(tmp_path, None, [str(i) for i in range(10)], val_fraction=0.3)
-    assert ev.val_texts == ["0", "1", "2"] and ev.heldout_texts == [str(i) for i in range(3, 10)]
+        FinalEvaluation(tmp_path, None, ["a", "b"], domains=["heldout", "wikipedia"], val_texts=["v"])
+    with pytest.raises(ValueError, match="validation split's name"):
+        FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "val", "texts": ["x"]}], val_texts=["v"])
+    # the validation split is given (set aside from the training texts); the held-out split is reported whole
+    ev = FinalEvaluation(tmp_path, None, [str(i) for i in range(10)], val_texts=["v1", "v2"])
+    assert ev.val_texts == ["v1", "v2"] and ev.heldout_texts == [str(i) for i in range(10)]
+    with pytest.raises(ValueError, match="needs the validation split"):
+        FinalEvaluation(tmp_path, None, ["a", "b"])
     with pytest.raises(ValueError, match="windows must be"):
-        FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "pydoc", "windows": 0}])
+        FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "pydoc", "windows": 0}], val_texts=["v"])
+
+
+def test_validation_split_comes_from_the_training_texts():
+    from acip.train.data import validation_split
+    from acip.train.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    texts = [f"verse {i:03d} " + "x" * (i % 7) for i in range(200)]  # ~12-18 byte tokens each
+    rest, val = validation_split(texts, tok, 100, max_fraction=0.1, seed=3)
+    assert set(rest).isdisjoint(val) and sorted(rest + val) == sorted(texts)  # nothing lost, nothing shared
+    assert [t for t in texts if t in set(val)] == val and [t for t in texts if t in set(rest)] == rest  # text order
+    n_val = sum(len(tok(t + "\n", add_special_tokens=False)["input_ids"]) for t in val)
+    assert 100 <= n_val < 100 + 20  # just enough tokens: stops at the first text that reaches them
+    assert validation_split(texts, tok, 100, max_fraction=0.1, seed=3) == (rest, val)  # seeded
+    assert validation_split(texts, tok, 100, max_fraction=0.1, seed=4)[1] != val
+    assert min(int(t[6:9]) for t in val) < 150 < max(int(t[6:9]) for t in val) or len(val) < 4  # drawn at random
+    rest, val = validation_split(texts, tok, 10**6, max_fraction=0.05, seed=0)  # capped at 5% of the texts
+    assert len(val) == 10 and len(rest) == 190
+    rest, val = validation_split(["a", "b"], tok, 10**6, max_fraction=0.1)  # always leaves one to train on
+    assert len(val) == 1 and len(rest) == 1
+    with pytest.raises(ValueError, match="val_max_fraction"):
+        validation_split(texts, tok, 100, max_fraction=1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        validation_split(["only"], tok, 100)
+
+
+def test_validation_split_of_a_stream_skips_its_rows():
+    from acip.train.data import TextStream, validation_split
+    from acip.train.models import byte_tokenizer
+
+    rows = [{"text": f"row {i:02d}" if i % 5 else ""} for i in range(40)]  # every 5th row empty
+
+    class Split(list):
+        def skip(self, n):
+            return Split(self[n:])
+
+    stream = TextStream(lambda: Split(rows), skip=3)
+    rest, val = validation_split(stream, byte_tokenizer(), 20)
+    assert val == ["row 03", "row 04", "row 06"]  # file order after the held-out rows; empty rows skipped
+    assert rest.skip == 3 + 4 and stream.skip == 3  # the rows read (the empty one too); the original untouched
+    assert list(rest)[0] == "row 07" and not set(val) & set(rest)
 
 
 def test_each_domain_gets_its_own_windows(tmp_path):
@@ -79,7 +123,8 @@ def test_each_domain_gets_its_own_windows(tmp_path):
     from acip.train.models import byte_tokenizer
 
     held = [f"verse {i} of the held-out split, long enough for a window" for i in range(40)]
-    ev = FinalEvaluation(tmp_path, byte_tokenizer(), held, seq_len=16, max_windows=5,
+    val = [f"validation text {i}, set aside from the training data" for i in range(20)]
+    ev = FinalEvaluation(tmp_path, byte_tokenizer(), held, seq_len=16, max_windows=5, val_texts=val,
                          domains=["heldout", {"name": "pydoc", "windows": 2}, {"name": "x", "texts": ["y" * 200]}])
     wins = ev.windows()
     assert list(wins) == ["val", "heldout", "pydoc", "x"]

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 __all__ = [
     "kjv_texts", "text_files", "hf_dataset", "pack_tokens", "PackedSequences", "StepSampler",
     "PackedTextDataModule", "DatasetTooSmallError", "TextStream", "PackedStream", "DatasetUnavailableError",
-    "calibration_texts", "VALIDATION_SPLITS",
+    "calibration_texts", "validation_split", "VALIDATION_SPLITS",
 ]
 
 
@@ -168,6 +168,28 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         return self.texts(0)
 
+    def split_head(self, tokenizer: Any, n_tokens: int) -> tuple["TextStream", list[str]]:
+        """``(rest, head)``: the first texts (file order, after ``skip``) holding ``n_tokens`` tokens,
+        and a copy of this stream that skips the rows they came from (the validation split)."""
+        import copy
+
+        ds, out, have, rows = self.open_split(), [], 0, 0
+        if self.skip:
+            ds = ds.skip(self.skip)
+        for row in ds:
+            rows += 1
+            t = row.get(self.text_field)
+            if isinstance(t, str) and t.strip():
+                out.append(t)
+                have += len(tokenizer(t + "\n", add_special_tokens=False)["input_ids"])
+                if have >= n_tokens:
+                    break
+        if not out:
+            raise ValueError(f"{self.where} gave no texts for the validation split (column {self.text_field!r})")
+        rest = copy.copy(self)
+        rest.skip, rest.rows_read = self.skip + rows, 0
+        return rest, out
+
     def head(self, tokenizer: Any, n_tokens: int) -> list[str]:
         """The first texts of epoch 0 that hold at least ``n_tokens`` tokens (calibration samples)."""
         out, have = [], 0
@@ -177,6 +199,44 @@ class TextStream:
             if have >= n_tokens:
                 break
         return out
+
+
+def validation_split(texts: Any, tokenizer: Any, n_tokens: int, *, max_fraction: float = 0.1,
+                     seed: int = 0) -> tuple[Any, list[str]]:
+    """Set the validation split aside from the *training* texts: ``(train_rest, val_texts)``.
+
+    A list: a seeded random subset (``random.Random(seed)``; kept in text order) whose texts hold at
+    least ``n_tokens`` tokens, but at most ``max_fraction`` of the texts (and at least one, leaving at
+    least one). Drawn at random rather than from the end, so a mixture (``data=mix``) or a text in
+    book order gives a validation split with the training data's distribution. A
+    :class:`TextStream`: its first texts holding ``n_tokens`` tokens, and a stream that skips them.
+    The run trains on ``train_rest`` only; the validation split chooses settings (the adapters per
+    ratio, the sweep's metric), the held-out split only measures.
+    """
+    import random
+
+    if not 0.0 < float(max_fraction) < 1.0:
+        raise ValueError(f"eval.val_max_fraction={max_fraction!r}: the share of the training texts set aside for "
+                         f"validation must be in (0, 1)")
+    if int(n_tokens) < 1:
+        raise ValueError(f"the validation split needs n_tokens >= 1, got {n_tokens!r} (eval.val_windows x eval.seq_len)")
+    if isinstance(texts, TextStream):
+        return texts.split_head(tokenizer, int(n_tokens))
+    texts = list(texts)
+    if len(texts) < 2:
+        raise ValueError(f"the training data holds {len(texts)} text(s); setting a validation split aside needs at "
+                         f"least 2 (more data, or eval.enabled=false for a run without a final evaluation)")
+    cap = min(len(texts) - 1, max(1, int(len(texts) * float(max_fraction))))
+    order = list(range(len(texts)))
+    random.Random(int(seed)).shuffle(order)
+    picked, have = [], 0
+    for i in order[:cap]:
+        picked.append(i)
+        have += len(tokenizer(texts[i] + "\n", add_special_tokens=False)["input_ids"])
+        if have >= n_tokens:
+            break
+    chosen = set(picked)
+    return [t for i, t in enumerate(texts) if i not in chosen], [texts[i] for i in sorted(chosen)]
 
 
 def calibration_texts(texts: Any, tokenizer: Any, n_tokens: int) -> Sequence[str]:

@@ -144,6 +144,16 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.eval.get("max_windows") is not None:
             _int(cfg.eval, "max_windows", "eval", 1)
         _int(cfg.eval, "activation_aware_windows", "eval", 0)
+    if "val_fraction" in cfg.eval:  # a config.yaml from before the validation split left the held-out split
+        raise ValueError(f"eval.val_fraction={cfg.eval.val_fraction!r} (the share of the held-out split used for "
+                         f"validation) is gone: the validation split is now set aside from the training texts "
+                         f"(eval.val_max_fraction, eval.val_windows). Remove eval.val_fraction from the config")
+    v = cfg.eval.get("val_max_fraction", 0.1)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+        raise ValueError(f"eval.val_max_fraction must be in (0, 1) (the most of the training texts set aside for "
+                         f"validation), got {v!r}")
+    if cfg.eval.get("val_windows") is not None:
+        _int(cfg.eval, "val_windows", "eval", 1)
     return {"schedule": schedule, "acip_config": config}
 
 
@@ -187,7 +197,13 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     model, tok = _build(cfg.model)
     if tok is None:
         raise ValueError(f"the model at {cfg.model.get('path')!r} came without a tokenizer; save one next to it")
-    from .data import calibration_texts  # a streamed dataset: its first texts, enough for calibration
+    from .data import calibration_texts, validation_split  # a streamed dataset: its first texts, enough for calibration
+
+    # The validation split comes out of the TRAINING data (never trained on): it chooses the adapters
+    # per ratio and is the sweep's metric; the data group's held-out split is only measured.
+    e = cfg.eval
+    train_texts, val_texts = validation_split(
+        train_texts, tok, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)), seed=int(cfg.seed))
 
     calib_texts = calibration_texts(train_texts, tok, max(
         int(a.get("whiten_windows", 0) or 0) * int(a.get("whiten_seq_len", 0) or 0),
@@ -205,7 +221,15 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
                         build=parametrizer(model, config, calib, torch.random.get_rng_state()),
                         objective=_build(cfg.objective) if cfg.get("objective") is not None else None)
     return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": calib_texts,
-            "heldout_texts": heldout_texts}
+            "heldout_texts": heldout_texts, "val_texts": val_texts}
+
+
+def val_tokens(e: Any) -> int:
+    """Tokens the validation split holds: ``eval.val_windows`` (null: ``eval.max_windows``, or 40 when
+    that is null too) windows of ``eval.seq_len`` tokens."""
+    w = e.get("val_windows", None)
+    w = e.get("max_windows", None) if w is None else w
+    return int(40 if w is None else w) * int(e.seq_len)
 
 
 def parametrizer(model: Any, config: Any, calib: Any = None, rng_state: Any = None) -> Any:

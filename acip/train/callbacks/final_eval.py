@@ -3,8 +3,8 @@
 For each test ratio rho: ``acip.export(pm, ratio=rho, score_map=module.score_map)`` from the
 trained model in memory (export never changes ``pm``). For a run with trained adapters both
 ``adapters=True`` (column ``acip_adapters``) and ``adapters=False`` (``acip_no_adapters``) are
-measured on the **validation split** (the first ``val_fraction`` of the data group's held-out
-split); the adapters are kept where they give the lower validation perplexity, the decision is
+measured on the **validation split** (``val_texts``: set aside from the run's *training* texts
+and never trained on, :func:`acip.train.data.validation_split`); the adapters are kept where they give the lower validation perplexity, the decision is
 recorded in the score map's ``meta["adapters_auto"]`` (re-saved with the run directory, so
 ``acip.export(run_dir, rho)``'s default ``adapters="auto"`` follows it; see
 :mod:`acip.export.auto`) and column ``acip`` is that default export. Baselines: the same for
@@ -13,8 +13,8 @@ exactly ``U_r, S_r V_r^T``); optionally the activation-aware baseline (SVD-LLM s
 on ``calib_windows`` training windows (see :mod:`acip.core.whiten`).
 
 Every export is evaluated on every domain (``domains``: names or mappings, see
-:mod:`acip.eval.domains`; ``"heldout"`` is the rest of the data group's held-out split, disjoint
-from the validation part) and on the validation split, on the first ``max_windows`` windows of
+:mod:`acip.eval.domains`; ``"heldout"`` is the data group's held-out split, only measured, never
+used to choose anything) and on the validation split, on the first ``max_windows`` windows of
 each; the uncompressed model is measured once per domain (the ``dense`` row). The ratio reported is
 the measured one of the exported model. Writes ``results.json`` and ``plots/*.png`` (rank 0), logs
 images, a table, ``final/<domain>/ppl_<method>_r<100*rho>`` scalars (the first domain also as
@@ -106,7 +106,7 @@ class FinalEvaluation(pl.Callback):
                  max_windows: int | None = 40, baseline: bool = True,
                  extra: dict | None = None, calib_texts: Sequence[str] | None = None,
                  calib_windows: int = 0, no_adapters: bool = True, domains: Sequence[Any] = ("heldout",),
-                 val_fraction: float = 0.5, val_windows: int | None = None) -> None:
+                 val_texts: Sequence[str] = (), val_windows: int | None = None) -> None:
         from acip.core.size import check_ratio
 
         self.run_dir, self.tokenizer = Path(run_dir), tokenizer
@@ -118,15 +118,12 @@ class FinalEvaluation(pl.Callback):
                              f"pass calib_texts or set eval.activation_aware_windows=0")
         self.calib_texts, self.calib_windows = list(calib_texts or []), int(calib_windows)
         self.no_adapters = bool(no_adapters)
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"eval.val_fraction={val_fraction}: the share of the held-out split used for "
-                             f"validation must be in (0, 1)")
-        held = list(heldout_texts)
-        if len(held) < 2:
-            raise ValueError(f"the data group's held-out split holds {len(held)} text(s); the final evaluation "
-                             f"needs at least 2 (a validation part and a reported part)")
-        cut = min(len(held) - 1, max(1, int(round(len(held) * float(val_fraction)))))
-        self.val_texts, self.heldout_texts = held[:cut], held[cut:]
+        self.val_texts, self.heldout_texts = list(val_texts), list(heldout_texts)
+        if not self.val_texts:
+            raise ValueError("the final evaluation needs the validation split (val_texts: texts set aside from the "
+                             "training data, acip.train.data.validation_split); got none")
+        if not self.heldout_texts:
+            raise ValueError("the data group's held-out split is empty; the final evaluation measures on it")
         self.val_windows = max_windows if val_windows is None else int(val_windows)
         from acip.eval.domains import check_domains
 
@@ -148,7 +145,7 @@ class FinalEvaluation(pl.Callback):
                    e.baseline, calib_texts=parts["train_texts"],
                    calib_windows=int(e.get("activation_aware_windows", 0) or 0),
                    no_adapters=bool(e.get("no_adapters", True)), domains=domains,
-                   val_fraction=float(e.get("val_fraction", 0.5)), val_windows=e.get("val_windows", None))
+                   val_texts=parts["val_texts"], val_windows=e.get("val_windows", None))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.t_start = time.time()
