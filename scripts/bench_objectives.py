@@ -3,10 +3,13 @@
     python scripts/bench_objectives.py RUN_DIR [RUN_DIR ...] [--labels A B ...] [--windows 8]
                                        [--ratios 0.9 0.8 0.6] [--no-adapters]
 
-Validation domains (the ones a choice of settings may look at): the held-out split of the
-self-generated data (``conf/data/self_generated.yaml`` on the run's model, read from the acip
-cache) and KJV's held-out split. Held-out domains (measured only, never trained on or used to
-choose): Python ``pydoc`` text and Python standard-library source code. Every run is evaluated
+Validation domains (the ones a choice of settings may look at): the validation split that a run
+sets aside from its *training* texts (:func:`acip.train.data.validation_split`, with the run's
+``eval`` settings and seed) of each training-data candidate: the self-generated data
+(``conf/data/self_generated.yaml`` on the run's model, read from the acip cache) and KJV's training
+verses. Held-out domains (measured only, never trained on or used to choose): KJV's held-out split,
+Python ``pydoc`` text and Python standard-library source code. A run that predates the validation
+split (commit 451cc87) trained on its candidate's validation texts, which flatters it there. Every run is evaluated
 on the same windows with ``pm.prune`` (what ``acip.export`` keeps; the trained masks are set to
 their scaling meanwhile, so the score map alone decides which directions are active), with its adapters and, with
 ``--no-adapters``, without them (LoRA B zeroed, so every layer is lifted as ``adapters=False``).
@@ -34,9 +37,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC_MODULES = ["textwrap", "csv", "fractions", "shlex", "heapq", "bisect"]
 
 
-def sg_val(runs: list[Path], seed: int = 0) -> list[str]:
-    """The held-out split of the self-generated data: from the first run trained on it (its saved
-    data node, a cache hit), else ``conf/data/self_generated.yaml`` on SmolLM2."""
+def _val(train: list[str], tok, cfg) -> list[str]:
+    """What a run with config ``cfg`` sets aside from ``train`` as its validation split."""
+    from acip.train.data import validation_split
+    from acip.train.run import val_tokens
+
+    e = cfg.eval
+    return validation_split(list(train), tok, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)),
+                            seed=int(cfg.seed))[1]
+
+
+def sg_train(runs: list[Path], seed: int = 0) -> tuple[list[str], object]:
+    """The self-generated training texts and the config whose eval settings carve their validation
+    split: from the first run trained on them (its saved data node, a cache hit), else
+    ``conf/data/self_generated.yaml`` on SmolLM2 with ``conf/compress.yaml``'s eval section."""
     for run in runs:
         cfg = OmegaConf.load(run / "config.yaml")
         node = cfg.data
@@ -44,20 +58,24 @@ def sg_val(runs: list[Path], seed: int = 0) -> list[str]:
             node = next((c.data for c in node.components.values()
                          if str(c.data.get("_target_", "")).endswith("self_generated")), None)
         if node is not None and str(node.get("_target_", "")).endswith("self_generated"):
-            return list(instantiate(node, _recursive_=False)[1])
+            return list(instantiate(node, _recursive_=False)[0]), cfg
     node = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
-                             "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml")})
-    return list(instantiate(node.data)[1])
+                             "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml"),
+                             "eval": OmegaConf.load(ROOT / "conf/compress.yaml").eval})
+    return list(instantiate(node.data)[0]), node
 
 
-def domains(runs: list[Path]) -> dict[str, list[str]]:
+def domains(runs: list[Path], tok) -> dict[str, list[str]]:
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_quality import pydoc_texts
 
     import importlib
 
     src = [inspect.getsource(importlib.import_module(m)) for m in SRC_MODULES]
-    return {"sg_val": sg_val(runs), "kjv_val": list(acip.data.kjv_split()[1]), "pydoc": pydoc_texts(), "pysrc": src}
+    sg, cfg = sg_train(runs)
+    train, held = acip.data.kjv_split()
+    return {"sg_val": _val(sg, tok, cfg), "kjv_val": _val(train, tok, cfg), "kjv_heldout": list(held),
+            "pydoc": pydoc_texts(), "pysrc": src}
 
 
 VALIDATION = ("sg_val", "kjv_val")
@@ -103,19 +121,18 @@ def main() -> None:
     torch.set_num_threads(1)
     print(machine_header(("transformers", "acip")))
     labels = args.labels or [p.name for p in args.runs]
-    texts = domains(([args.sg_from] if args.sg_from else []) + list(args.runs))
+    from transformers import AutoTokenizer
+
+    from acip.core.base import cache_dir
+
+    acip.load_base("smollm2-135m")  # fills the cache (tokenizer included) on a fresh machine
+    tok = AutoTokenizer.from_pretrained(str(cache_dir() / "smollm2-135m"))
+    texts = domains(([args.sg_from] if args.sg_from else []) + list(args.runs), tok)
+    wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
     res: dict = {}
     fp32: dict[str, float] = {}
-    tok, wins = None, {}
     for label, run in zip(labels, args.runs):
         pm = acip.load(run)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            from acip.core.base import cache_dir
-
-            tok = AutoTokenizer.from_pretrained(str(cache_dir() / "smollm2-135m"))
-            wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
         if not fp32:
             with torch.no_grad(), pm.dense_view():
                 fp32 = {d: perplexity(pm, tok, w, batch_size=4, progress=False) for d, w in wins.items()}
