@@ -82,13 +82,16 @@ def _draw(ax: Any, columns: Mapping[str, Mapping[float, float]], reference: floa
     """One panel: a line per method on a log y axis clipped at ``clip`` x the reference.
 
     A point above the clip (or infinite) is drawn on the top edge as a hollow triangle, labelled
-    with its value, so a baseline that is 1e6 times worse does not flatten the others. Returns a
+    with its value, so a baseline that is 1e6 times worse does not flatten the others. Labels of
+    several clipped points at one ratio are stacked below the edge, one line each (a value already
+    labelled there, e.g. column ``acip`` equal to the column it follows, is not repeated). Returns a
     note on the clip for the panel's title ("" if nothing is clipped).
     """
     import matplotlib.ticker as mticker
 
     allv = [v for col in columns.values() for v in col.values()]
     top = _clip_top(allv + ([reference] if reference is not None else []), reference, clip)
+    labelled: dict[float, list[str]] = {}  # ratio -> the clipped values labelled there, top to bottom
     for name, col in columns.items():
         xs = sorted(col)
         ys = [col[x] for x in xs]
@@ -100,11 +103,16 @@ def _draw(ax: Any, columns: Mapping[str, Mapping[float, float]], reference: floa
         for x, y, yy in zip(xs, ys, shown):
             if top is not None and (not math.isfinite(y) or y > top):
                 ax.plot([x], [yy], marker="^", ms=9, mfc="none", color=line.get_color())
-                ax.annotate("inf" if not math.isfinite(y) else f"{y:.3g}", (x, yy), textcoords="offset points",
-                            xytext=(0, -12), ha="center", fontsize=6, color=line.get_color())
+                text = "inf" if not math.isfinite(y) else f"{y:.3g}"
+                here = labelled.setdefault(x, [])
+                if text not in here:
+                    ax.annotate(text, (x, yy), textcoords="offset points", xytext=(0, -12 - 8 * len(here)),
+                                ha="center", fontsize=6, color=line.get_color())
+                    here.append(text)
     if reference is not None:
         ax.axhline(reference, color="black", ls="--", lw=1, label=f"uncompressed ({reference:.2f})")
     ax.set_yscale("log")
+    ax.margins(x=0.08)  # room for the value labels of the first and last ratio
     if top is not None:
         finite = [v for v in allv if math.isfinite(v) and v > 0] + ([reference] if reference else [])
         ax.set_ylim(min(finite) / 1.15, top * 1.3)
