@@ -3,7 +3,9 @@
     python scripts/bench_sampling.py [--batch 64] [--new 64] [--threads 1] [--reps 1]
 
 Every row samples ``--new`` tokens after BOS for a batch of ``--batch`` rows (temperature 1,
-top-p 0.95; ``_topkN``: top-k N as well), interleaved per repetition; tokens/s counts sampled tokens (median over reps).
+top-p 0.95; ``_topkN``: top-k N as well; ``_teacherK``: the loop also records the model's top-K
+log-probabilities at every position, as ``data=self_generated data.teacher_topk=K`` does), interleaved
+per repetition; tokens/s counts sampled tokens (median over reps).
 """
 from __future__ import annotations
 
@@ -38,22 +40,23 @@ def main() -> None:
             for row in args.rows:
                 g = torch.Generator().manual_seed(0)
                 t = time.perf_counter()
-                k = int(row.rsplit("topk", 1)[1]) if "_topk" in row else 0
+                k = int(row.split("_topk", 1)[1].split("_")[0]) if "_topk" in row else 0
+                rec = int(row.rsplit("_teacher", 1)[1]) if "_teacher" in row else 0
                 if row.startswith("hf_generate"):
                     with torch.inference_mode():
                         model.generate(prefix, attention_mask=torch.ones_like(prefix), do_sample=True, top_p=0.95,
                                        temperature=1.0, top_k=k, max_new_tokens=args.new, min_new_tokens=args.new,
                                        pad_token_id=tok.eos_token_id)
                 else:
-                    sample_tokens(model, prefix, args.new, 1.0, 0.95, k,
-                                  generator=g, cache="dynamic" if row == "dynamic" else "static")
+                    sample_tokens(model, prefix, args.new, 1.0, 0.95, k, generator=g,
+                                  cache="dynamic" if row == "dynamic" else "static", record_topk=rec)
                 res.setdefault((row, B), []).append(B * args.new / (time.perf_counter() - t))
                 print(row, B, f"{res[(row, B)][-1]:.1f} tok/s", flush=True)
     print(f"\n### Sampling {args.new} new tokens after BOS, temperature 1, top-p 0.95, {args.threads} thread(s)\n")
     print("| sampler | batch | tokens/s | vs HF generate (same top-k) |\n|---|---:|---:|---:|")
     for B in args.batch:
         for row in args.rows:
-            hf = "hf_generate_topk50" if row.endswith("topk50") else "hf_generate"
+            hf = "hf_generate_topk50" if "_topk50" in row else "hf_generate"
             ref = statistics.median(res.get((hf, B), [float("nan")]))
             v = statistics.median(res[(row, B)])
             print(f"| {row} | {B} | {v:.0f} | {v / ref:.2f}x |")

@@ -1,7 +1,7 @@
 """Step time of the parametrized SmolLM2 against the dense model, along the size ratio.
 
     python scripts/bench_train.py [--batch 4] [--seq-len 128] [--reps 5] [--threads 1]
-                                  [--objectives ce kd ce_kd] [--only-objectives]
+                                  [--objectives ce kd ce_kd] [--only-objectives] [--teacher-topk 64]
 
 One training step = forward + backward (+ AdamW step on the trainable tensors). Three dense
 references: all weights train (forward + backward + AdamW); the same without the optimiser step
@@ -14,7 +14,12 @@ first dense reference.
 Objective rows: one training step of the parametrized model (masks + LoRA r=8, pruned to ratio 0.8
 so that student and teacher differ) with each task loss of ``acip.train.objectives`` on the same
 batch (``kd`` / ``ce_kd`` add the teacher forward under ``pm.dense_view()``), step time relative to
-``ce``, and the peak resident memory above the step's starting RSS (sampled every 2 ms).
+``ce``, and the peak resident memory above the step's starting RSS (sampled every 2 ms). With
+``--teacher-topk K`` the distillation objectives also run against the cached teacher top-K (rows
+``kd+topK``, ``ce_kd+topK``): the base model's top-K log-probabilities of the same batch, computed
+once before parametrizing and stored in float16, as ``data=self_generated`` caches them. The
+``kd`` column is the KD term of each row's loss, and a last table compares, at the same ratio,
+the KD of the dense teacher with the cached top-K in float32 and float16 storage.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, x: torch.Ten
     return dt
 
 
-def objective_step(pm, objective, opt, x: torch.Tensor) -> tuple[float, float]:
+def objective_step(pm, objective, opt, x: torch.Tensor, **teacher: torch.Tensor) -> tuple[float, float]:
     """Seconds and peak RSS increase (MB) of forward + backward + optimiser step with ``objective``."""
     import psutil
 
@@ -59,7 +64,7 @@ def objective_step(pm, objective, opt, x: torch.Tensor) -> tuple[float, float]:
     th = threading.Thread(target=watch, daemon=True)
     th.start()
     t = time.perf_counter()
-    loss, _ = objective(pm, x)
+    loss, _ = objective(pm, x, **teacher)
     loss.backward()
     opt.step()
     dt = time.perf_counter() - t
@@ -78,6 +83,7 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.4])
     ap.add_argument("--objectives", nargs="*", default=["ce", "kd", "ce_kd"])
     ap.add_argument("--only-objectives", action="store_true", help="skip the dense and ratio rows")
+    ap.add_argument("--teacher-topk", type=int, default=64, help="K of the cached-teacher rows (0: none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,12 +92,13 @@ def main() -> None:
     train, _ = acip.data.kjv_split()
     x = acip.eval.token_windows(tok, train, args.seq_len, args.batch)
     if args.only_objectives:
-        return objective_rows(model, x, args)
+        return objective_rows(model, x, args, teacher=cached_teacher(model, x, args.teacher_topk))
     dense = copy.deepcopy(model).train()
     for p in dense.parameters():
         p.requires_grad_(True)
     from peft import LoraConfig, get_peft_model
 
+    teacher = cached_teacher(model, x, args.teacher_topk)  # before parametrize replaces the dense layers
     dense_lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
     opt_l = torch.optim.AdamW([p for p in dense_lora.parameters() if p.requires_grad], lr=0.0)
     pm = acip.parametrize(model, lora={"r": 8, "lora_alpha": 16}, svd_dtype=torch.float32)
@@ -122,16 +129,33 @@ def main() -> None:
         print(f"| parametrized, masks + LoRA r=8 | {r:.2f} | {med[k]:.2f} | {med[k] / med['dense']:.2f}x |")
 
     if args.objectives:
-        objective_rows(pm.model, x, args, pm=pm)
+        objective_rows(pm.model, x, args, pm=pm, teacher=teacher)
 
 
-def objective_rows(model, x: torch.Tensor, args, pm=None) -> None:
+def cached_teacher(model, x: torch.Tensor, k: int) -> dict[str, torch.Tensor] | None:
+    """The base model's top-``k`` at every position of ``x`` (fp32), as ``data=self_generated`` records it."""
+    if not k:
+        return None
+    from acip.train.sources import topk_logprobs
+
+    ids, logp = topk_logprobs(model, x, k)
+    return {"teacher_ids": ids, "teacher_logp": logp}
+
+
+def objective_rows(model, x: torch.Tensor, args, pm=None, teacher=None) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from pathlib import Path
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "objective"
     objs = {name: instantiate(OmegaConf.load(conf / f"{name}.yaml")) for name in args.objectives}
+    kwargs: dict[str, dict] = {name: {} for name in objs}
+    if teacher is not None:  # the cached rows, float16 storage (the data.teacher_dtype default)
+        stored = {"teacher_ids": teacher["teacher_ids"], "teacher_logp": teacher["teacher_logp"].half()}
+        for name in list(objs):
+            if getattr(objs[name], "uses_teacher", False):
+                objs[f"{name}+top{args.teacher_topk}"] = objs[name]
+                kwargs[f"{name}+top{args.teacher_topk}"] = stored
     if pm is None:
         pm = acip.parametrize(model, lora={"r": 8, "lora_alpha": 16}, svd_dtype=torch.float32)
     pm.train()
@@ -144,21 +168,43 @@ def objective_rows(model, x: torch.Tensor, args, pm=None) -> None:
     pm.prune(0.8, acip.ScoreMap.from_singular_values(pm))
     times: dict[str, list[float]] = {n: [] for n in objs}
     mem: dict[str, list[float]] = {n: [] for n in objs}
+    kd: dict[str, float] = {}
     for n, o in objs.items():  # warm-up
-        objective_step(pm, o, opt, x)
+        objective_step(pm, o, opt, x, **kwargs[n])
     for _ in range(args.reps):
         for n, o in objs.items():
-            dt, mb = objective_step(pm, o, opt, x)
+            dt, mb = objective_step(pm, o, opt, x, **kwargs[n])
             times[n].append(dt)
             mem[n].append(mb)
+    for n, o in objs.items():
+        with torch.no_grad():
+            kd[n] = o(pm, x, **kwargs[n])[1].get("kd", float("nan"))
+    errors = {}
+    if teacher is not None:  # the KD term at ratio 0.8 and at 1.0 (initialisation) for each teacher
+        from acip.train.objectives import Distillation
+
+        kd_obj = Distillation()
+        for ratio in (0.8, 1.0):
+            if ratio == 1.0:
+                pm.unprune()
+            with torch.no_grad():
+                errors[ratio] = {"dense teacher (pm.dense_view())": kd_obj(pm, x)[1]["kd"],
+                                 f"cached top-{args.teacher_topk}, float32": kd_obj(pm, x, **teacher)[1]["kd"],
+                                 f"cached top-{args.teacher_topk}, float16": kd_obj(pm, x, **stored)[1]["kd"]}
     pm.unprune()
     med = {n: statistics.median(v) for n, v in times.items()}
     ref = med.get("ce", next(iter(med.values())))
     print(f"\n### Objectives: one step of the parametrized model (masks + LoRA r=8, pruned to 0.8), batch "
           f"{args.batch} x {args.seq_len}, median of {args.reps} (same run)\n")
-    print("| objective | step s | relative to ce | peak RSS above the step's start, MB |\n|---|---:|---:|---:|")
+    print("| objective | step s | relative to ce | peak RSS above the step's start, MB | kd term |\n"
+          "|---|---:|---:|---:|---:|")
     for n in objs:
-        print(f"| {n} | {med[n]:.2f} | {med[n] / ref:.2f}x | {statistics.median(mem[n]):.0f} |")
+        print(f"| {n} | {med[n]:.2f} | {med[n] / ref:.2f}x | {statistics.median(mem[n]):.0f} | {kd[n]:.4g} |")
+    if errors:
+        print(f"\n### The KD term (T = 1, kd_weight 1) of the same batch against each teacher\n")
+        print("| teacher | at ratio 0.8 | at ratio 1.0 (initialisation) |\n|---|---:|---:|")
+        for name in errors[0.8]:
+            print(f"| {name} | {errors[0.8][name]:.5g} | {errors[1.0][name]:.3g} |")
 
 
 if __name__ == "__main__":

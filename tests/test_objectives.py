@@ -10,8 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from acip.train.module import ACIPModule
-from acip.train.objectives import CrossEntropy, Distillation, kl_divergence
+from acip.train.objectives import CrossEntropy, Distillation, kl_divergence, topk_kl_divergence
 from acip.train.schedule import ACIPSchedule
+from acip.train.sources import topk_logprobs
 from helpers_train import tiny_base, tiny_pm
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "objective"
@@ -113,3 +114,87 @@ def test_config_group_instantiates(name, cls, ce_w):
 def test_bad_settings_are_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Distillation(**kw)
+
+
+def full_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's top-k at every position (what data=self_generated caches)."""
+    return topk_logprobs(tiny_base(), x, k)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_cached_top_k_with_the_whole_vocabulary_is_the_dense_teacher_kd(T):
+    pm = tiny_pm(lora={"r": 2, "lora_alpha": 4})
+    x = ids()
+    with torch.no_grad():
+        for m in pm.mask_parameters():
+            m[::2] = -1.0  # the student differs from the teacher
+        for p in pm.lora_parameters():
+            p.add_(0.5)
+        t_logp, t_ids = F.log_softmax(Distillation().teacher_logits(pm, x).float(), -1).topk(50, -1)  # K = V
+    for ce_w in (0.0, 1.5):
+        obj = Distillation(temperature=T, ce_weight=ce_w)
+        dense, dparts = obj(pm, x)
+        cached, cparts = obj(pm, x, teacher_ids=t_ids, teacher_logp=t_logp)
+        assert dparts["kd"] > 1e-3 and float(cached) == pytest.approx(float(dense), rel=1e-4)  # fp32 rounding
+        assert set(cparts) == set(dparts) and cparts["kd"] == pytest.approx(dparts["kd"], rel=1e-4)
+    s = torch.randn(2, 10, 50)
+    assert float(topk_kl_divergence(s, t_ids, t_logp, T)) == pytest.approx(
+        float(kl_divergence(Distillation().teacher_logits(pm, x), s, T)), rel=1e-4)
+
+
+def test_cached_top_k_kd_is_the_kl_of_the_top_k_plus_a_tail_bucket():
+    t, s = torch.randn(3, 5, 50) * 3, torch.randn(3, 5, 50) * 3
+    lp, lq = F.log_softmax(t, -1), F.log_softmax(s, -1)
+    k_ids = lp.topk(8, -1).indices
+    p, q = lp.exp().gather(-1, k_ids), lq.exp().gather(-1, k_ids)
+    p, q = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1), torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    got = topk_kl_divergence(s, k_ids, lp.gather(-1, k_ids))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert 0 < float(got) < float(kl_divergence(t, s)), "the reduced KL is a lower bound of the full one"
+    assert float(topk_kl_divergence(t, k_ids, lp.gather(-1, k_ids), 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cached_kd_is_about_zero_at_init_and_its_gradient_reaches_the_masks_once_pruned():
+    pm = tiny_pm(lora={"r": 2, "lora_alpha": 4})
+    x = ids()
+    t_ids, t_logp = full_topk(x, 8)  # the base model itself: the SVD reconstruction error remains
+    kd = Distillation()
+    for logp in (t_logp.half(), t_logp):  # float16: as data.teacher_dtype=float16 stores it
+        loss, parts = kd(pm, x, teacher_ids=t_ids, teacher_logp=logp)
+        assert abs(float(loss)) < 1e-7 and set(parts) == {"kd"}
+    loss.backward()
+    at_init = max(float(g.abs().max()) for g in mask_grads(pm))  # float32 teacher: the SVD error alone
+    pm.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for m in pm.mask_parameters():
+            m[::2] = -1.0
+    loss, _ = kd(pm, x, teacher_ids=t_ids, teacher_logp=t_logp)
+    assert float(loss) > 100 * 1e-7
+    loss.backward()
+    grads = mask_grads(pm)
+    assert max(float(g.abs().max()) for g in grads) > 1e3 * at_init
+    assert sum(int((g != 0).any()) for g in grads) >= len(grads) - 1, "the masks get a signal"
+    with pytest.raises(ValueError, match="only one of"):
+        kd(pm, x, teacher_ids=t_ids)
+
+
+def test_module_hands_the_batch_s_cached_teacher_to_the_objective():
+    pm = tiny_pm()
+    x = ids()
+    t_ids, t_logp = full_topk(x, 8)
+    seen = []
+
+    class Spy(Distillation):
+        def teacher_logits(self, pm, input_ids):  # the dense path must not run
+            seen.append("dense")
+            return super().teacher_logits(pm, input_ids)
+
+    module = ACIPModule(pm, lr=1e-3, lora_lr=1e-3, objective=Spy(ce_weight=1.0))
+    module.training_step({"input_ids": x, "teacher_ids": t_ids, "teacher_logp": t_logp}, 0)
+    assert seen == [] and module.last["kd"] < 1e-4 and module.last["ce"] > 1.0
+    assert module.last["ce"] == pytest.approx(float(CrossEntropy()(pm, x)[0]), rel=1e-5)
+    module.training_step({"input_ids": x}, 0)
+    assert seen == ["dense"]
+    module = ACIPModule(tiny_pm(), lr=1e-3, lora_lr=1e-3)  # CE ignores a cached teacher
+    module.training_step({"input_ids": x, "teacher_ids": t_ids, "teacher_logp": t_logp}, 0)

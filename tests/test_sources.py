@@ -77,6 +77,8 @@ def test_nucleus_and_top_k_keep_only_their_candidates(monkeypatch):
 def test_generated_once_cached_with_checksum_and_reused(cache, loads):
     train, held = self_generated(MODEL, **SMALL)
     assert len(loads) == 1 and len(train) == 5 and len(held) == 1 and all(isinstance(t, str) for t in train)
+    assert train.tokens.shape == (5, 12) and train.teacher_ids.shape == (5, 12, 64)  # the rows behind the texts
+    assert list(train) == [tok for tok in sources._decode(models.byte_tokenizer(), train.tokens, torch.ones(5, dtype=torch.long))]
     files = list((cache / "self_generated").glob("*.safetensors"))
     assert len(files) == 1
     again = self_generated(MODEL, **SMALL)
@@ -134,3 +136,43 @@ def test_data_configs_compose_and_build(loads):
     t2, h2 = instantiate(sg.data)
     assert len(loads) == 1, "data=self_generated and data=mix share the cache entry of the same settings"
     assert len(t2) == 5 and set(t2) <= set(train)
+
+
+def test_sampler_records_the_teacher_top_k_of_every_position_as_a_full_forward_gives_it():
+    model, _ = tiny()
+    prefix = torch.randint(1, 200, (3, 4), generator=torch.Generator().manual_seed(0))
+    plain = sample_tokens(model, prefix, 8, 1.0, 0.9, 20, generator=torch.Generator().manual_seed(1))
+    out, ids, logp = sample_tokens(model, prefix, 8, 1.0, 0.9, 20, generator=torch.Generator().manual_seed(1),
+                                   record_topk=300)  # > V = 257: the whole vocabulary, sorted
+    assert torch.equal(out, plain), "recording the top-k does not change the samples"
+    assert ids.shape == logp.shape == (3, 12, 257) and logp.dtype == torch.float32
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=out).logits.float(), -1)  # untempered, unfiltered, every position
+    torch.testing.assert_close(logp, ref.gather(-1, ids), rtol=0, atol=1e-5)
+    assert torch.equal(ids[..., 0], ref.argmax(-1)) and bool((logp[..., :-1] >= logp[..., 1:]).all())
+    full_ids, full_logp = sources.topk_logprobs(model, out, 5)  # the forward path, for rows sampled without it
+    assert torch.equal(full_ids, ids[..., :5]) and torch.allclose(full_logp, logp[..., :5], atol=1e-5)
+
+
+def test_teacher_top_k_is_cached_under_its_own_key_and_an_old_entry_is_completed_by_one_forward(cache, loads):
+    old_train, old_held = self_generated(MODEL, **SMALL, teacher_topk=0)  # an entry written before the top-k
+    assert not old_train.has_teacher and old_train.tokens.shape == (5, 12)
+    old_file = next((cache / "self_generated").glob("*.safetensors"))
+    old_bytes = old_file.read_bytes()
+    train, held = self_generated(MODEL, **SMALL, teacher_topk=4)
+    assert len(loads) == 2, "the samples came from the old entry, the top-k from one forward of the model"
+    assert torch.equal(train.tokens, old_train.tokens) and list(train) == list(old_train)
+    assert train.teacher_ids.shape == (5, 12, 4) and train.teacher_logp.dtype == torch.float16
+    assert held.teacher_ids.shape == (1, 12, 4) and old_file.read_bytes() == old_bytes, "the old file is untouched"
+    assert len(list((cache / "self_generated").glob("*.safetensors"))) == 2
+    again, _ = self_generated(MODEL, **SMALL, teacher_topk=4)
+    assert len(loads) == 2 and torch.equal(again.teacher_ids, train.teacher_ids)
+    assert torch.equal(again.teacher_logp, train.teacher_logp)
+    fresh, _ = self_generated(MODEL, **SMALL, teacher_topk=4, teacher_dtype="float32", cache=False)  # while sampling
+    assert torch.equal(fresh.tokens, train.tokens) and torch.equal(fresh.teacher_ids, train.teacher_ids)
+    err = (fresh.teacher_logp - train.teacher_logp.float()).abs().max()
+    assert 0 < float(err) < 0.01, "float16 storage rounds the log-probabilities, by less than 0.01"
+    with pytest.raises(ValueError, match="teacher_topk"):
+        self_generated(MODEL, **SMALL, teacher_topk=-1)
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        self_generated(MODEL, **SMALL, teacher_dtype="int8")

@@ -1,10 +1,13 @@
 """Packing and batch order of the training data."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
-from acip.train.data import DatasetTooSmallError, PackedSequences, PackedTextDataModule, StepSampler, pack_tokens, text_files
+from acip.train.data import (DatasetTooSmallError, PackedSequences, PackedTextDataModule, StepSampler, TokenRows,
+                             pack_tokens, text_files, vocab_digest)
 from acip.train.models import byte_tokenizer
 
 TEXTS = [f"verse {i}: and it came to pass that the number was {i * i}." for i in range(200)]
@@ -75,3 +78,68 @@ def test_bad_jsonl_names_the_file_the_line_and_the_missing_key(tmp_path):
     f.write_text("\n".join(f'{{"text": "verse {i}"}}' for i in range(10)))
     train, held = text_files([str(f)])
     assert train[0] == "verse 0" and held == ["verse 9"]
+
+
+def token_rows(n: int = 10, L: int = 8, K: int = 3, teacher: bool = True) -> TokenRows:
+    tokens = torch.arange(n * L).view(n, L) % 250
+    ids = (tokens[..., None] + torch.arange(K)) % 250 if teacher else None  # position-aligned, recognisable
+    logp = -(tokens[..., None] + torch.arange(K)).half() / 100 if teacher else None
+    return TokenRows([f"row {i}" for i in range(n)], tokens, ids, logp, vocab=vocab_digest(byte_tokenizer()))
+
+
+def test_token_rows_are_their_texts_and_select_rows_with_their_tensors():
+    rows = token_rows()
+    assert rows == [f"row {i}" for i in range(10)] and isinstance(rows, list)  # calibration and eval read texts
+    part = rows.select([7, 2])
+    assert list(part) == ["row 7", "row 2"] and torch.equal(part.tokens, rows.tokens[[7, 2]])
+    assert torch.equal(part.teacher_logp, rows.teacher_logp[[7, 2]]) and part.vocab == rows.vocab
+    head = rows[:4]
+    assert isinstance(head, TokenRows) and torch.equal(head.teacher_ids, rows.teacher_ids[:4]) and rows[3] == "row 3"
+    again = pickle.loads(pickle.dumps(rows))
+    assert again == rows and torch.equal(again.teacher_ids, rows.teacher_ids)
+    with pytest.raises(TypeError, match="read-only"):
+        rows.append("another text")
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        rows.select([10])
+    with pytest.raises(ValueError, match="one row per text"):
+        TokenRows(["a"], torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_token_rows_train_as_they_are_with_the_teacher_in_the_batch_in_step_order():
+    rows = token_rows(n=10, L=8, K=3)
+    dm = PackedTextDataModule(byte_tokenizer(), rows, seq_len=6, batch_size=2, total_steps=5, seed=1)
+    seqs = dm.prepare()
+    assert torch.equal(seqs, rows.tokens[:, :6]), "each row's first seq_len tokens, not re-tokenized text"
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and set(batches[0]) == {"input_ids", "teacher_ids", "teacher_logp"}
+    for b in batches:
+        assert torch.equal(b["teacher_ids"][..., 0], b["input_ids"])  # every position keeps its own targets
+        assert b["teacher_logp"].shape == (2, 6, 3) and b["teacher_logp"].dtype == torch.float16
+    first = torch.cat([b["input_ids"] for b in batches])
+    assert sorted(first[:, 0].tolist()) == sorted(rows.tokens[:, 0].tolist())  # epoch 0: each row once
+    same = list(PackedTextDataModule(byte_tokenizer(), rows, 6, 2, 5, seed=1).train_dataloader())
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, same))
+    ds, sampler = dm.train_dataloader().dataset, StepSampler(2, 5, 0, 1, start_step=lambda: 3)  # resumed at step 3
+    resumed = torch.stack([ds[i]["input_ids"] for i in sampler])
+    assert torch.equal(resumed, first[6:])
+    with pytest.raises(ValueError, match=r"acip.seq_len=9 is longer.*data.seq_len >= 9"):
+        PackedTextDataModule(byte_tokenizer(), rows, seq_len=9, batch_size=2, total_steps=5).prepare()
+    plain = token_rows(n=10, L=8, teacher=False)  # no teacher: the rows are concatenated and cut
+    seqs = PackedTextDataModule(byte_tokenizer(), plain, seq_len=16, batch_size=2, total_steps=5).prepare()
+    assert torch.equal(seqs, plain.tokens.reshape(-1)[:80].view(5, 16))
+    other = TokenRows(list(rows), rows.tokens, vocab="0123456789abcdef")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        PackedTextDataModule(byte_tokenizer(), other, seq_len=6, batch_size=2, total_steps=5).prepare()
+
+
+def test_the_validation_carve_keeps_token_rows_aligned():
+    from acip.train.data import validation_split
+
+    rows = token_rows(n=20)
+    rest, val = validation_split(rows, byte_tokenizer(), n_tokens=10, max_fraction=0.2, seed=0)
+    assert isinstance(rest, TokenRows) and isinstance(val, TokenRows) and len(rest) + len(val) == 20
+    assert not set(rest) & set(val) and len(val) >= 1
+    for part in (rest, val):
+        idx = [int(t.split()[1]) for t in part]
+        assert torch.equal(part.tokens, rows.tokens[idx]) and torch.equal(part.teacher_ids, rows.teacher_ids[idx])
+    assert validation_split(list(rows), byte_tokenizer(), 10, max_fraction=0.2, seed=0) == (list(rest), list(val))

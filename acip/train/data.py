@@ -4,6 +4,12 @@ Text sources (named by ``conf/data/*.yaml``) return ``(train_texts, heldout_text
 DataModule tokenizes the training texts once, concatenates them (each text followed by a
 newline) and cuts the token stream into ``n = floor(T / seq_len)`` sequences.
 
+A source may instead return :class:`TokenRows` (``data=self_generated`` does): a list of texts
+(for calibration and evaluation) that also carries the exact token rows and, optionally, the
+teacher's top-k log-probabilities at every position. The DataModule then trains on those rows
+themselves (no re-tokenization), so per-position targets stay aligned, and each batch carries
+``teacher_ids`` / ``teacher_logp`` next to ``input_ids``.
+
 Batch order is a pure function of ``(seed, global step, rank)``: sample ``b`` of the batch for
 optimiser step ``t`` on rank ``r`` of ``w`` is the virtual index ``i = (t*w + r)*B + b``; with
 ``e, j = divmod(i, n)`` it reads sequence ``perm_e[j]`` where ``perm_e`` is the permutation drawn
@@ -22,12 +28,94 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 __all__ = [
     "kjv_texts", "text_files", "hf_dataset", "pack_tokens", "PackedSequences", "StepSampler",
     "PackedTextDataModule", "DatasetTooSmallError", "TextStream", "PackedStream", "DatasetUnavailableError",
-    "calibration_texts", "validation_split", "VALIDATION_SPLITS",
+    "calibration_texts", "validation_split", "VALIDATION_SPLITS", "TokenRows", "vocab_digest",
+    "token_rows_sequences",
 ]
 
 
 class DatasetTooSmallError(ValueError):
     """The training text yields fewer sequences than one (global) batch."""
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """sha256 (16 hex digits) of the tokenizer's vocabulary: token rows are only valid for this vocabulary."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class TokenRows(list):
+    """Training rows as exact tokens: a read-only list of their texts that carries the tensors.
+
+    - ``tokens``: ``(N, L)`` int64, row ``i`` is the token sequence whose text is ``self[i]``;
+    - ``teacher_ids`` / ``teacher_logp``: ``(N, L, K)`` (int64 / float) or None: at position ``t``
+      of row ``i``, the ``K`` most likely next tokens of the teacher and their log-probabilities
+      ``log p(x_{t+1} = id | x_{<=t})`` (untempered, before any sampling filter);
+    - ``vocab``: :func:`vocab_digest` of the tokenizer the ids belong to.
+
+    As a list it is the texts (calibration, evaluation, ``data=mix`` use those); slicing, or
+    :meth:`select` with row indices (a validation carve), gives a ``TokenRows`` of those rows.
+    """
+
+    def __init__(self, texts: Sequence[str], tokens: torch.Tensor, teacher_ids: torch.Tensor | None = None,
+                 teacher_logp: torch.Tensor | None = None, vocab: str | None = None) -> None:
+        texts = list(texts)
+        if tokens.dim() != 2 or len(tokens) != len(texts):
+            raise ValueError(f"TokenRows: tokens must be (rows, seq_len) with one row per text; got "
+                             f"{tuple(tokens.shape)} for {len(texts)} texts")
+        if (teacher_ids is None) != (teacher_logp is None):
+            raise ValueError("TokenRows: teacher_ids and teacher_logp come together (both or neither)")
+        if teacher_ids is not None and (teacher_ids.shape != teacher_logp.shape
+                                        or teacher_ids.shape[:2] != tokens.shape):
+            raise ValueError(f"TokenRows: teacher_ids {tuple(teacher_ids.shape)} and teacher_logp "
+                             f"{tuple(teacher_logp.shape)} must both be (rows, seq_len, K) for tokens "
+                             f"{tuple(tokens.shape)}")
+        super().__init__(texts)
+
+        def normal(t: torch.Tensor | None) -> torch.Tensor | None:  # a sampler's inference tensors cannot meet autograd
+            return t.clone() if t is not None and t.is_inference() else t
+
+        self.tokens = normal(tokens.long())
+        self.teacher_ids = None if teacher_ids is None else normal(teacher_ids.long())
+        self.teacher_logp = normal(teacher_logp)
+        self.vocab = vocab
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_ids is not None
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> "TokenRows":
+        """The rows ``indices`` (in that order), texts and tensors together."""
+        idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"TokenRows.select: row indices must be in [0, {len(self)}), got "
+                             f"{int(idx.min())}..{int(idx.max())}")
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return TokenRows([list.__getitem__(self, int(i)) for i in idx], self.tokens[idx], pick(self.teacher_ids),
+                         pick(self.teacher_logp), self.vocab)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.select(range(len(self))[i])
+        return list.__getitem__(self, i)
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("TokenRows is read-only (its texts match its token rows); list(rows) is a plain copy")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+
+    def __reduce__(self) -> Any:
+        return (TokenRows, (list(self), self.tokens, self.teacher_ids, self.teacher_logp, self.vocab))
+
+    def __repr__(self) -> str:
+        k = f", teacher top-{self.teacher_ids.shape[-1]}" if self.has_teacher else ""
+        return f"TokenRows({len(self)} rows x {self.tokens.shape[1]} tokens{k})"
 
 
 def _split(texts: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
@@ -210,6 +298,7 @@ def validation_split(texts: Any, tokenizer: Any, n_tokens: int, *, max_fraction:
     least one). Drawn at random rather than from the end, so a mixture (``data=mix``) or a text in
     book order gives a validation split with the training data's distribution. A
     :class:`TextStream`: its first texts holding ``n_tokens`` tokens, and a stream that skips them.
+    :class:`TokenRows`: the same subset of rows, both parts ``TokenRows`` (:meth:`TokenRows.select`).
     The run trains on ``train_rest`` only; the validation split chooses settings (the adapters per
     ratio, the sweep's metric), the held-out split only measures.
     """
@@ -222,7 +311,7 @@ def validation_split(texts: Any, tokenizer: Any, n_tokens: int, *, max_fraction:
         raise ValueError(f"the validation split needs n_tokens >= 1, got {n_tokens!r} (eval.val_windows x eval.seq_len)")
     if isinstance(texts, TextStream):
         return texts.split_head(tokenizer, int(n_tokens))
-    texts = list(texts)
+    rows, texts = texts, list(texts)
     if len(texts) < 2:
         raise ValueError(f"the training data holds {len(texts)} text(s); setting a validation split aside needs at "
                          f"least 2 (more data, or eval.enabled=false for a run without a final evaluation)")
@@ -236,6 +325,8 @@ def validation_split(texts: Any, tokenizer: Any, n_tokens: int, *, max_fraction:
         if have >= n_tokens:
             break
     chosen = set(picked)
+    if isinstance(rows, TokenRows):
+        return rows.select([i for i in range(len(rows)) if i not in chosen]), rows.select(sorted(chosen))
     return [t for i, t in enumerate(texts) if i not in chosen], [texts[i] for i in sorted(chosen)]
 
 
@@ -349,11 +440,14 @@ def pack_tokens(tokenizer: Any, texts: Sequence[str], seq_len: int, batch: int =
 
 
 class PackedSequences(Dataset):
-    """Virtual, endless dataset: index ``i`` -> sequence ``perm_{i // n}[i % n]`` (module docstring)."""
+    """Virtual, endless dataset: index ``i`` -> sequence ``perm_{i // n}[i % n]`` (module docstring).
 
-    def __init__(self, sequences: torch.Tensor, seed: int) -> None:
+    ``extras`` (e.g. ``teacher_ids`` / ``teacher_logp``, one row per sequence) come with their row."""
+
+    def __init__(self, sequences: torch.Tensor, seed: int, extras: dict[str, torch.Tensor] | None = None) -> None:
         self.sequences = sequences
         self.seed = int(seed)
+        self.extras = dict(extras or {})
         self._perms: dict[int, torch.Tensor] = {}
 
     def perm(self, epoch: int) -> torch.Tensor:
@@ -367,7 +461,8 @@ class PackedSequences(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e, j = divmod(int(i), len(self.sequences))
-        return {"input_ids": self.sequences[self.perm(e)[j]]}
+        row = int(self.perm(e)[j])
+        return {"input_ids": self.sequences[row], **{k: v[row] for k, v in self.extras.items()}}
 
 
 class StepSampler(Sampler[int]):
@@ -446,8 +541,33 @@ class PackedStream(IterableDataset):
             epoch += 1
 
 
+def token_rows_sequences(rows: TokenRows, seq_len: int, tokenizer: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training sequences of :class:`TokenRows`: ``(sequences, extras)``, tokens used as they are.
+
+    Without a teacher the rows are concatenated and cut into ``seq_len`` rows (as packing does, but
+    token-exact). With one, every row is cut to its first ``seq_len`` tokens, so the teacher's
+    distribution at each kept position sees exactly the context the student sees; rows shorter
+    than ``seq_len`` are then an error. ``tokenizer``: checked against ``rows.vocab``.
+    """
+    if tokenizer is not None and rows.vocab is not None and vocab_digest(tokenizer) != rows.vocab:
+        raise ValueError("the token rows of the data group were made with another tokenizer than the run's model "
+                         "(vocabulary digests differ): sample them with the run's own model (data.model=${model})")
+    if not rows.has_teacher:
+        flat = rows.tokens.reshape(-1)
+        n = len(flat) // seq_len
+        return flat[: n * seq_len].view(n, seq_len), {}
+    L = rows.tokens.shape[1]
+    if seq_len > L:
+        raise ValueError(f"acip.seq_len={seq_len} is longer than the data's token rows ({L} tokens, data.seq_len) "
+                         f"that carry the teacher's top-k: set data.seq_len >= {seq_len}, or data.teacher_topk=0")
+    return rows.tokens[:, :seq_len], {"teacher_ids": rows.teacher_ids[:, :seq_len],
+                                      "teacher_logp": rows.teacher_logp[:, :seq_len]}
+
+
 class PackedTextDataModule(pl.LightningDataModule):
-    """Packs ``train_texts`` into ``seq_len`` sequences; batches per :class:`StepSampler`."""
+    """Packs ``train_texts`` into ``seq_len`` sequences; batches per :class:`StepSampler`.
+
+    :class:`TokenRows` are used as they are (:func:`token_rows_sequences`), with their teacher top-k."""
 
     def __init__(self, tokenizer: Any, train_texts: Sequence[str], seq_len: int, batch_size: int,
                  total_steps: int, seed: int = 0, world_size: int = 1) -> None:
@@ -457,10 +577,11 @@ class PackedTextDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer = tokenizer
-        self.train_texts = train_texts if isinstance(train_texts, TextStream) else list(train_texts)
+        self.train_texts = train_texts if isinstance(train_texts, (TextStream, TokenRows)) else list(train_texts)
         self.seq_len, self.batch_size, self.total_steps = int(seq_len), int(batch_size), int(total_steps)
         self.seed, self.world_size = int(seed), int(world_size)
         self.sequences: torch.Tensor | None = None
+        self.extras: dict[str, torch.Tensor] = {}
 
     def stream(self, rank: int = 0, world: int = 1, start: Callable[[], int] = lambda: 0) -> PackedStream:
         return PackedStream(self.train_texts, self.tokenizer, self.seq_len, self.batch_size, self.total_steps,
@@ -482,7 +603,10 @@ class PackedTextDataModule(pl.LightningDataModule):
                 )
             return None
         if self.sequences is None:
-            seqs = pack_tokens(self.tokenizer, self.train_texts, self.seq_len)
+            if isinstance(self.train_texts, TokenRows):
+                seqs, self.extras = token_rows_sequences(self.train_texts, self.seq_len, self.tokenizer)
+            else:
+                seqs = pack_tokens(self.tokenizer, self.train_texts, self.seq_len)
             need = self.batch_size * self.world_size
             if len(seqs) < need:
                 ntok = sum(len(t) for t in self.train_texts)
@@ -506,5 +630,5 @@ class PackedTextDataModule(pl.LightningDataModule):
         if isinstance(self.train_texts, TextStream):
             return DataLoader(self.stream(rank, world, start), batch_size=self.batch_size, num_workers=0)
         sampler = StepSampler(self.batch_size, self.total_steps, rank, world, start)
-        return DataLoader(PackedSequences(self.prepare(), self.seed), batch_size=self.batch_size,
+        return DataLoader(PackedSequences(self.prepare(), self.seed, self.extras), batch_size=self.batch_size,
                           sampler=sampler, num_workers=0)

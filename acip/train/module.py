@@ -108,13 +108,15 @@ class ACIPModule(pl.LightningModule):
         """``sum_l ||ReLU(m_l)||_1`` in fp32."""
         return torch.stack([torch.relu(m.float()).sum() for m in self.pm.mask_parameters()]).sum()
 
-    def task_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The objective's fp32 task loss (its named parts go to ``self.task_parts``)."""
-        loss, self.task_parts = self.objective(self.pm, input_ids)
+    def task_loss(self, input_ids: torch.Tensor, **teacher: torch.Tensor) -> torch.Tensor:
+        """The objective's fp32 task loss (its named parts go to ``self.task_parts``); ``teacher``: the
+        batch's cached ``teacher_ids`` / ``teacher_logp``, passed only when it carries them."""
+        loss, self.task_parts = self.objective(self.pm, input_ids, **teacher)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        task, l1 = self.task_loss(batch["input_ids"]), self.l1_term()
+        teacher = {k: batch[k] for k in ("teacher_ids", "teacher_logp") if k in batch}
+        task, l1 = self.task_loss(batch["input_ids"], **teacher), self.l1_term()
         loss = task + self.l1_weight * l1 if self.phase == "acip" else task
         self.check_finite(loss)
         self.last = {"task_loss": float(task.detach()), "l1_loss": float(l1.detach()), "loss": float(loss.detach()),

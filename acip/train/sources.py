@@ -10,7 +10,10 @@ calibration, the final evaluation) treats them like any text.
   (a pre-allocated static KV cache, one forward per token for the whole batch) and cached under
   ``acip.core.base.cache_dir() / "self_generated"`` with per-tensor sha256
   (:func:`acip.core.io.save_tensors`); a second run reads the cache and loads no model. The last
-  ``heldout_fraction`` of the sequences is the validation split of this training data.
+  ``heldout_fraction`` of the sequences is the validation split of this training data. It returns
+  :class:`~acip.train.data.TokenRows` (the texts, which carry the exact token rows), and with
+  ``teacher_topk = K > 0`` the teacher's top-K next-token log-probabilities at every position,
+  which the sampler has already computed: the ``kd`` objective then needs no teacher forward.
 - :func:`mix`: a weighted mixture of other data groups (by characters), e.g. self-generated
   samples + KJV + your own text files; its held-out part is the union of the components'.
 """
@@ -27,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["self_generated", "mix", "sample_tokens", "seed_prompts", "cache_path", "CACHE_VERSION"]
+__all__ = ["self_generated", "mix", "sample_tokens", "topk_logprobs", "seed_prompts", "cache_path", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
 
@@ -83,10 +86,17 @@ def _nucleus_pick(vals: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, to
     return ids.gather(1, pick).squeeze(1)
 
 
+def _topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, log p)`` of the ``k`` most likely tokens of ``softmax(logits)`` (fp32, untempered), sorted."""
+    logits = logits.float()
+    vals, ids = torch.topk(logits, min(int(k), logits.shape[-1]), dim=-1)
+    return ids, vals - torch.logsumexp(logits, -1, keepdim=True)
+
+
 @torch.inference_mode()
 def sample_tokens(model: Any, prefix: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                   top_k: int = 0, generator: torch.Generator | None = None, cache: str = "static",
-                  on_step: Any = None) -> torch.Tensor:
+                  on_step: Any = None, record_topk: int = 0) -> Any:
     """Sample ``new_tokens`` tokens after ``prefix`` (batch x P) with a pre-allocated KV cache.
 
     One prefill, then one forward of one token per row per step; only the last position's logits
@@ -94,26 +104,64 @@ def sample_tokens(model: Any, prefix: torch.Tensor, new_tokens: int, temperature
     for ``P + new_tokens`` positions; ``"dynamic"`` grows a ``DynamicCache``. Returns
     ``(batch, P + new_tokens)`` int64 (EOS is not special: the model's own continuation is kept).
     ``on_step(n)`` is called after each step with the tokens it added (progress bars).
+
+    ``record_topk = K > 0`` also keeps, at every position ``t`` of every row, the ``K`` most likely
+    next tokens of the model and ``log p(x_{t+1} | x_{<=t})`` (T = 1, before temperature / top-k /
+    top-p): the prefill computes every prompt position's logits, each step the sampled position's,
+    and one more step after the last token gives the last position's. Returns ``(tokens, ids, logp)``
+    with ``ids`` int64 and ``logp`` fp32 of shape ``(batch, P + new_tokens, K)``.
     """
     from transformers import DynamicCache, StaticCache
 
     B, P = prefix.shape
     L = P + new_tokens
+    K = int(record_topk)
     out = torch.empty(B, L, dtype=torch.long)
     out[:, :P] = prefix
+    if K:
+        rec_ids = torch.empty(B, L, min(K, int(model.config.vocab_size)), dtype=torch.long)
+        rec_logp = torch.empty(rec_ids.shape, dtype=torch.float32)
     kv = StaticCache(config=model.config, max_cache_len=L) if cache == "static" else DynamicCache()
     pos = torch.arange(L)
     ids = prefix
-    for t in range(P, L):
+    for t in range(P, L + (1 if K else 0)):
         cp = pos[t - ids.shape[1]: t]
         logits = model(input_ids=ids, past_key_values=kv, cache_position=cp, position_ids=cp.unsqueeze(0).expand(B, -1),
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        nxt = _sample(logits, temperature, top_p, top_k, generator)
+                       use_cache=True, logits_to_keep=0 if K and t == P else 1).logits
+        if K:  # the distribution after every position just fed (the whole prompt at the prefill)
+            rec_ids[:, cp[0]: t], rec_logp[:, cp[0]: t] = _topk_logp(logits, K)
+        if t == L:
+            break
+        nxt = _sample(logits[:, -1], temperature, top_p, top_k, generator)
         out[:, t] = nxt
         ids = nxt.unsqueeze(1)
         if on_step is not None:
             on_step(B if t > P else B * (P + 1))
-    return out
+    return (out, rec_ids, rec_logp) if K else out
+
+
+@torch.no_grad()  # not inference_mode: the ids index the student's logits in autograd
+def topk_logprobs(model: Any, tokens: torch.Tensor, k: int, batch_size: int = 8,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-``k`` at every position of ``tokens`` (N x L) by full forwards (no KV cache).
+
+    ``(ids, logp)``, each ``(N, L, k)``: ``ids`` int64, ``logp = log softmax(logits)`` fp32 (T = 1),
+    position ``t`` the distribution of the token after ``t``. The same quantities
+    :func:`sample_tokens` records while sampling; this serves token rows sampled without them.
+    """
+    from tqdm.auto import tqdm
+
+    if tokens.dim() != 2 or int(k) < 1:
+        raise ValueError(f"topk_logprobs needs tokens of shape (rows, seq_len) and k >= 1, got "
+                         f"{tuple(tokens.shape)} and k={k}")
+    model.eval()
+    ids, logp = [], []
+    for i in tqdm(range(0, len(tokens), batch_size), desc="teacher top-k", disable=not progress, mininterval=2.0):
+        logits = model(input_ids=tokens[i: i + batch_size].long(), use_cache=False).logits
+        a, b = _topk_logp(logits, k)
+        ids.append(a)
+        logp.append(b)
+    return torch.cat(ids), torch.cat(logp)
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -181,18 +229,28 @@ def _decode(tokenizer: Any, rows: torch.Tensor, prefix_len: torch.Tensor) -> lis
     return [tokenizer.decode(r[int(p):].tolist(), skip_special_tokens=True) for r, p in zip(rows, prefix_len)]
 
 
+TEACHER_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
 def self_generated(
     model: Any, num_sequences: int = 288, seq_len: int = 128, batch_size: int = 64, temperature: float = 1.0,
     top_p: float = 0.95, top_k: int = 50, prompt_fraction: float = 0.5, prompt_tokens: int = 4,
     seed_text: Any = "kjv", heldout_fraction: float = 0.1, seed: int = 0, cache: bool = True,
-    kv_cache: str = "static", progress: bool = True,
-) -> tuple[list[str], list[str]]:
+    kv_cache: str = "static", progress: bool = True, teacher_topk: int = 64, teacher_dtype: str = "float16",
+) -> tuple[Any, Any]:
     """``num_sequences`` samples of ``seq_len`` tokens (BOS + prompt included) from the model ``model``
-    (its ``conf/model`` node: ``data.model=${model}``); ``(train_texts, heldout_texts)``.
+    (its ``conf/model`` node: ``data.model=${model}``); ``(train, heldout)``, each a
+    :class:`~acip.train.data.TokenRows` (a list of the texts after BOS, carrying the token rows).
 
     ``prompt_fraction`` of the batches start from BOS + ``prompt_tokens`` tokens of a seeded-random
     ``seed_text`` text (``"kjv"``: the KJV training verses, or a list of text files, or null), the
     rest from BOS alone. The last ``heldout_fraction`` of the sequences is held out (validation).
+
+    ``teacher_topk = K > 0``: the rows also carry, at every position, the model's ``K`` most likely
+    next tokens and their log-probabilities (T = 1, before the sampling filters), stored as
+    ``teacher_dtype``, recorded while sampling. The cache is keyed by (K, dtype) as well; when only
+    the entry without them exists, its tokens are kept and the top-K computed by one forward pass
+    over them (:func:`topk_logprobs`), into a new entry (the old file is left as it is).
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction must be in (0, 1), got {heldout_fraction}")
@@ -204,50 +262,82 @@ def self_generated(
                          f"{prompt_fraction}, {prompt_tokens}")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"data.temperature >= 0, data.top_p in (0, 1], data.top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or teacher_topk < 0:
+        raise ValueError(f"data.teacher_topk must be an integer >= 0 (0: no teacher top-k), got {teacher_topk!r}")
+    if teacher_dtype not in TEACHER_DTYPES:
+        raise ValueError(f"data.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {teacher_dtype!r}")
     settings = dict(num_sequences=num_sequences, seq_len=seq_len, batch_size=batch_size, temperature=temperature,
                     top_p=top_p, top_k=top_k, prompt_fraction=prompt_fraction, prompt_tokens=prompt_tokens,
                     seed_text=seed_text if isinstance(seed_text, (str, type(None))) else list(seed_text),
                     seed=seed, kv_cache=kv_cache)
     ident = _model_identity(model)
-    path = cache_path({"version": CACHE_VERSION, "model": ident, **settings})
-    texts = _read_cache(path) if cache and path.is_file() else None
-    if texts is not None:
-        print(f"[acip] self-generated data: {len(texts)} sequences of {seq_len} tokens from the cache {path}", flush=True)
+    samples_key = {"version": CACHE_VERSION, "model": ident, **settings}  # the key of the samples alone
+    K, dt = int(teacher_topk), TEACHER_DTYPES[teacher_dtype]
+    extra = {"teacher_topk": K, "teacher_dtype": teacher_dtype} if K else {}
+    path = cache_path({**samples_key, **extra})
+    rows = _read_cache(path, K) if cache and path.is_file() else None
+    if rows is not None:
+        print(f"[acip] self-generated data: {len(rows)} sequences of {seq_len} tokens from the cache {path}", flush=True)
     else:
         from hydra.utils import instantiate
 
+        from .data import TokenRows, vocab_digest
+
+        plain = cache_path(samples_key)
+        base = _read_cache(plain, 0) if K and cache and plain.is_file() else None
         m, tok = instantiate(model) if not isinstance(model, tuple) else model
-        rows, plen = _generate(m, tok, settings, progress)
+        if base is not None:  # the samples exist without the top-k: one forward over them
+            print(f"[acip] self-generated data: {len(base)} sequences from the cache {plain}; the teacher's top-{K} "
+                  f"by one forward over them", flush=True)
+            ids, logp = topk_logprobs(m, base.tokens, K, progress=progress)
+            rows = TokenRows(base, base.tokens, ids, logp.to(dt), vocab_digest(tok))
+        else:
+            tokens, plen, ids, logp = _generate(m, tok, {**settings, "teacher_topk": K}, progress)
+            rows = TokenRows(_decode(tok, tokens, plen), tokens, ids, None if logp is None else logp.to(dt),
+                             vocab_digest(tok))
         del m
-        texts = _decode(tok, rows, plen)
         if cache:
-            from acip.core.io import save_tensors
-
-            blob = torch.frombuffer(bytearray(json.dumps(texts).encode("utf-8")), dtype=torch.uint8)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_tensors(path, {"tokens": rows.to(torch.int32), "texts_utf8": blob},
-                         metadata={"settings": json.dumps(settings, sort_keys=True),
-                                   "model": json.dumps(ident, sort_keys=True, default=str)})
-    cut = max(1, min(len(texts) - 1, int(round(len(texts) * (1.0 - heldout_fraction)))))
-    return texts[:cut], texts[cut:]
+            _write_cache(path, rows, {**settings, **extra}, ident)
+    cut = max(1, min(len(rows) - 1, int(round(len(rows) * (1.0 - heldout_fraction)))))
+    return rows[:cut], rows[cut:]
 
 
-def _read_cache(path: Path) -> list[str] | None:
-    """The cached texts, or None (with a warning naming the file) when the file fails its checksums."""
+def _write_cache(path: Path, rows: Any, settings: Mapping[str, Any], ident: Any) -> None:
+    from acip.core.io import save_tensors
+
+    blob = torch.frombuffer(bytearray(json.dumps(list(rows)).encode("utf-8")), dtype=torch.uint8)
+    tensors = {"tokens": rows.tokens.to(torch.int32), "texts_utf8": blob}
+    if rows.has_teacher:
+        tensors.update(teacher_ids=rows.teacher_ids.to(torch.int32), teacher_logp=rows.teacher_logp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(path, tensors, metadata={"settings": json.dumps(settings, sort_keys=True),
+                                          "model": json.dumps(ident, sort_keys=True, default=str),
+                                          "vocab": str(rows.vocab)})
+
+
+def _read_cache(path: Path, teacher_topk: int) -> Any:
+    """The cached :class:`~acip.train.data.TokenRows`, or None (with a warning naming the file) when the
+    file fails its checksums or lacks the teacher's top-``teacher_topk`` it is keyed by."""
     import warnings
 
     from acip.core.io import ArtifactError, read_tensors
 
+    from .data import TokenRows
+
     try:
-        tensors, _ = read_tensors(path, what="self-generated data cache")  # sha256 of every tensor checked
-        return json.loads(tensors["texts_utf8"].numpy().tobytes().decode("utf-8"))
+        tensors, meta = read_tensors(path, what="self-generated data cache")  # sha256 of every tensor checked
+        texts = json.loads(tensors["texts_utf8"].numpy().tobytes().decode("utf-8"))
+        ids, logp = (tensors["teacher_ids"], tensors["teacher_logp"]) if teacher_topk else (None, None)
+        vocab = meta.get("vocab")
+        return TokenRows(texts, tensors["tokens"].long(), ids, logp, None if vocab in (None, "None") else vocab)
     except (ArtifactError, KeyError, ValueError) as e:
         warnings.warn(f"the self-generated data cache {str(path)!r} is damaged ({e}); sampling it again")
         return None
 
 
-def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All batches of :func:`self_generated`; ``(tokens, prefix_len)``. Deterministic in ``s["seed"]``."""
+def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tuple[torch.Tensor, ...]:
+    """All batches of :func:`self_generated`; ``(tokens, prefix_len, teacher_ids, teacher_logp)`` (the last
+    two None unless ``s["teacher_topk"]``). Deterministic in ``s["seed"]``."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -259,7 +349,8 @@ def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tup
                            int(s["seed"])) if n_prompted else []
     bos = _bos(tok, model)
     g = torch.Generator().manual_seed(int(s["seed"]))
-    rows, plen, used = [], [], 0
+    rows, plen, tids, tlogp, used = [], [], [], [], 0
+    K = int(s.get("teacher_topk", 0))
     t0 = time.perf_counter()
     bar = tqdm(total=n * L, desc="self-generated data", unit="tok", unit_scale=True, disable=not progress,
                mininterval=2.0)
@@ -278,11 +369,15 @@ def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tup
         else:
             prefix = torch.full((rb, 1), bos, dtype=torch.long)
         out = sample_tokens(model, prefix, L - prefix.shape[1], float(s["temperature"]), float(s["top_p"]),
-                            int(s["top_k"]), generator=g, cache=str(s["kv_cache"]), on_step=step)
+                            int(s["top_k"]), generator=g, cache=str(s["kv_cache"]), on_step=step, record_topk=K)
+        if K:
+            out, ids, logp = out
+            tids.append(ids)
+            tlogp.append(logp)
         rows.append(out)
         plen.append(torch.ones(rb, dtype=torch.long))  # the text starts after BOS (the prompt is kept)
     bar.close()
-    return torch.cat(rows), torch.cat(plen)
+    return torch.cat(rows), torch.cat(plen), torch.cat(tids) if K else None, torch.cat(tlogp) if K else None
 
 
 # ------------------------------------------------------------------------------------------ mixtures
