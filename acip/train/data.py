@@ -560,6 +560,12 @@ def token_rows_sequences(rows: TokenRows, seq_len: int, tokenizer: Any = None) -
     if seq_len > L:
         raise ValueError(f"acip.seq_len={seq_len} is longer than the data's token rows ({L} tokens, data.seq_len) "
                          f"that carry the teacher's top-k: set data.seq_len >= {seq_len}, or data.teacher_topk=0")
+    if seq_len < L:
+        import warnings
+
+        warnings.warn(f"acip.seq_len={seq_len} is shorter than the data's token rows ({L} tokens) that carry the "
+                      f"teacher's top-k: each row trains on its first {seq_len} tokens only; sample rows of "
+                      f"data.seq_len={seq_len} to use every sampled token")
     return rows.tokens[:, :seq_len], {"teacher_ids": rows.teacher_ids[:, :seq_len],
                                       "teacher_logp": rows.teacher_logp[:, :seq_len]}
 
