@@ -1,4 +1,5 @@
-"""Scale optimisation: LBFGS near the exact optimum, lam sets the rate, fallbacks, config errors."""
+"""Scale optimisation: the search is the exact optimum, LBFGS near it, the one-sweep rate estimate, lam sets
+the rate, fallbacks, config errors."""
 from __future__ import annotations
 
 import pytest
@@ -36,11 +37,45 @@ def _exhaustive(W: torch.Tensor, lam: float, fmt_name: str) -> float:
 @pytest.mark.parametrize("lam", [3.9, 58.0])
 def test_lbfgs_within_3_percent_of_exact_optimum(fmt: str, kind: str, lam: float) -> None:
     W = _weight(kind)
-    res = quantize_weight(W, EntropyQuantConfig(lam=lam, fmt=fmt))
+    res = quantize_weight(W, EntropyQuantConfig(lam=lam, fmt=fmt, solver="lbfgs"))
     assert res.method == "entquant" and res.scales.dtype == torch.int8
     got = float(opt._loss(W, res.scales.float(), get_format(fmt), lam, W.abs().sum()))
     assert got <= 1.03 * _exhaustive(W, lam, fmt)
     assert res.iterations <= 500
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+@pytest.mark.parametrize("kind", ["gauss", "laplace"])
+@pytest.mark.parametrize("lam", [0.0, 3.9, 58.0, 120.0])
+def test_search_is_the_exact_optimum(fmt: str, kind: str, lam: float) -> None:
+    """The default solver reaches the exhaustive search's loss (to float rounding) and never loses to LBFGS."""
+    W = _weight(kind)
+    res = quantize_weight(W, EntropyQuantConfig(lam=lam, fmt=fmt))
+    assert res.method == "entquant" and res.scales.dtype == torch.int8
+    norm = W.abs().sum()
+    got = float(opt._loss(W, res.scales.float(), get_format(fmt), lam, norm))
+    assert got == pytest.approx(_exhaustive(W, lam, fmt), rel=1e-5)
+    lb = quantize_weight(W, EntropyQuantConfig(lam=lam, fmt=fmt, solver="lbfgs"))
+    assert got <= float(opt._loss(W, lb.scales.float(), get_format(fmt), lam, norm)) * (1 + 1e-6)
+
+
+def test_one_sweep_rates_match_the_quantizer() -> None:
+    """measure_rates on all rows gives the quantizer's own error and (up to the coder's streams) its bits."""
+    from acip.quant.codec import encode_codes
+
+    W = _weight("laplace", (96, 200), seed=3)
+    lams = [0.0, 3.9, 14.5, 58.0]
+    got = opt.measure_rates(W, lams, rows=10_000)
+    for i, lam in enumerate(lams):
+        res = quantize_weight(W, EntropyQuantConfig(lam=lam))
+        eps = float((W - res.dequantize()).pow(2).sum() / W.pow(2).sum())
+        assert got["eps"][i] == pytest.approx(eps, rel=1e-4)
+        coded = 8 * encode_codes(res.codes, 262144, "torch").nbytes / W.numel()
+        bits, fixed = opt.coded_size(res.codes)
+        assert got["bits"][i] == pytest.approx(bits, rel=1e-9) and got["fixed"][i] == fixed
+        assert abs(bits + 8 * fixed / W.numel() - coded) < 0.03 * coded
+    sub = opt.measure_rates(W, lams, rows=48, seed=1)  # a subset of rows: close to the whole matrix
+    assert all(abs(a - b) < 0.15 * b for a, b in zip(sub["bits"], got["bits"]))
 
 
 def test_lam_sets_the_rate() -> None:
@@ -73,14 +108,14 @@ def test_nan_retries_with_half_learning_rate(monkeypatch: pytest.MonkeyPatch) ->
         return real(W, t0, fmt, cfg, lr)
 
     monkeypatch.setattr(opt, "_lbfgs", flaky)
-    res = quantize_weight(_weight("gauss", (16, 64)), EntropyQuantConfig(lam=14.5, lr=1.0))
+    res = quantize_weight(_weight("gauss", (16, 64)), EntropyQuantConfig(lam=14.5, lr=1.0, solver="lbfgs"))
     assert seen == [1.0, 0.5, 0.25]
     assert res.method == "entquant" and res.retries == 2
 
 
 def test_persistent_nan_falls_back_to_absmax8(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(opt, "_lbfgs", lambda *a: (None, float("nan"), 5))
-    res = quantize_weight(_weight("gauss", (16, 64)), EntropyQuantConfig(max_retries=2))
+    res = quantize_weight(_weight("gauss", (16, 64)), EntropyQuantConfig(max_retries=2, solver="lbfgs"))
     assert res.method == "absmax8" and "NaN 3 times" in res.reason
 
 
@@ -120,6 +155,8 @@ def test_config_validation_names_value_and_fix() -> None:
         EntropyQuantConfig(max_iter=2.5)
     with pytest.raises(ValueError, match="fallback"):
         EntropyQuantConfig(fallback="fp16")
+    with pytest.raises(ValueError, match="solver.*'search'"):
+        EntropyQuantConfig(solver="adam")
     with pytest.raises(TypeError, match="unknown fields"):
         resolve_config({"lam": 1.0, "lamda": 2.0})
 

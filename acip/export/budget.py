@@ -6,27 +6,31 @@ as exported, or the entropy quantizer at one of a few ``lam`` values) jointly, t
 predicted loss increase ``sum_l D_l(r_l, q_l)`` subject to ``sum_l bytes_l(r_l, q_l) <= B``; then
 build that model (export at those ranks, quantize each layer with its ``lam``).
 
-Cost model (per layer, measured once, cached next to the score map)::
+Cost model (per layer, measured once, cached next to the score map): the predicted loss increase
+is the one formula of :mod:`acip.quant.sensitivity` (the home of the sensitivity concept, shared
+with ``EntropyQuantConfig(allocation="sensitivity")``)::
 
-    D_l(r, q) = w_l * [ T_l(r) + eps_l(q) * (1 - T_l(r)) ]
-    T_l(r)    = sum_{j not in top r} s_j^2 / sum_j s_j^2             energy the truncation drops
-    eps_l(q)  = eps_up(q) + eps_down(q)   (low rank)   or  eps_W(q)   (stored dense)
-    eps_X(q)  = ||X - Q_q(X)||_F^2 / ||X||_F^2                      measured on the factor X
+    D_l(r, q)     = sum_{j not in top r} t_j + eps_up(q) * sum_{j in top r} a_j + eps_down(q) * sum_{j in top r} b_j
+    D_l(dense, q) = sum_{j not kept} t_j + eps_W(q) * S_l                        (stored as one matrix)
+    eps_X(q)      = ||X - Q_q(X)||_F^2 / ||X||_F^2                               measured on the factor X
 
-``s_j`` are the layer's singular values and "top r" is the score map's per-layer order (for a
-trained map it is not the singular-value order). The quantization term assumes the relative
-error of a factor spreads evenly over its kept directions, so it scales with the kept energy
-``1 - T_l(r)``. ``eps`` and the rate of each ``lam`` are measured by quantizing the layer's
-factors (at its largest low-rank rank) and its dense weight once per ``lam``, on at most 128
-random rows (rows are independent in the quantizer's objective): bits per code from the coded
-stream, plus the frequency table, sha256 and one scale per row. A layer stored dense (``r``
-past break-even, ``r * (in + out) > in * out``) keeps every direction (``T = 0``) unless it has
-a trained adapter.
+"top r" is the score map's per-layer order (for a trained map it is not the singular-value
+order). With ``calib=`` batches of training text, ``t_j`` (truncating direction ``j``), ``a_j`` /
+``b_j`` (the Fisher-weighted energy of ``j``'s column of the up factor / row of the down factor)
+and ``S_l = 1/2 sum F W_stored^2`` come from the diagonal empirical Fisher of one
+forward+backward pass per calibration window (:func:`acip.quant.sensitivity.fisher`), so ``D``
+is a predicted loss increase in nats per token. Without calibration data ``t_j = a_j = b_j =
+s_j^2 / sum s^2`` (the energy of the layer's singular values, every layer's relative error
+counting the same) and ``S_l`` is the kept energy.
 
-``w_l`` is 1 without calibration data (every layer's relative error counts the same, as in the
-singular-value score map). With ``calib=`` batches it is the measured loss increase when that
-layer alone is truncated to half its parameters, divided by ``T_l`` there, so that ``D`` is a
-predicted loss increase in nats (each layer's ``w_l`` is floored at 1% of the median).
+``eps`` and the rate of each ``lam`` are measured by one sweep of the exact exponent search
+(:func:`acip.quant.optimize.measure_rates`; the search is also the quantizer the build uses, so a
+sampled row gets the exponent it will get) over the layer's factors (at its largest low-rank rank)
+and its dense weight, on at most ``SAMPLE_ROWS`` random rows (rows are independent in the
+quantizer's objective): bits per code from the codes' histogram under the coder's frequency
+table, plus the table, sha256 and one scale per row. Because one sweep serves every ``lam``,
+``DEFAULT_LAMS`` holds 11 rates. A layer stored dense (``r`` past break-even, ``r * (in + out) > in
+* out``) keeps every direction unless it has a trained adapter.
 
 Bytes of a point: ``bits(q) / 8 * params + tables + scales`` (float storage: ``element_size *
 params``), plus the bias. The allocation is a Lagrangian over each layer's lower convex hull of
@@ -57,21 +61,22 @@ from torch import nn
 from ..core.io import read_tensors, save_tensors
 from ..core.parametrize import ACIPModel
 from ..core.score_map import ScoreMap
-from ..quant.optimize import (BudgetError, allocate_hulls, calibration_batches, calibration_loss, lower_hull,
-                              measure_rates)
+from ..quant.optimize import measure_rates
+from ..quant.sensitivity import BudgetError, LayerFisher, allocate_hulls, calibration_batches, fisher, lower_hull
 
 __all__ = ["CostModel", "BudgetError", "Allocation", "cost_model", "allocate", "export_budget", "target_bytes",
            "COST_FILE", "DEFAULT_LAMS", "MB"]
 
 MB = 1_000_000
 COST_FILE = "budget_cost.safetensors"
-COST_FORMAT = "acip.budget_cost/1"
-DEFAULT_LAMS = (0.0, 1.0, 3.9, 14.5, 58.0, 200.0)
+COST_FORMAT = "acip.budget_cost/2"
+DEFAULT_LAMS = (0.0, 0.5, 1.0, 2.0, 3.9, 7.5, 14.5, 29.0, 58.0, 116.0, 200.0)
 SAMPLE_ROWS = 128
 MAX_BUILDS = 5
 TOLERANCE = 0.03
 _MEMO: dict[str, "CostModel"] = {}
 _FIELDS = ("bits", "eps", "fixed", "row_bytes")  # (L, Q, 3) arrays: factors up, down and the dense weight
+_PER_LAYER = ("trunc", "quant_up", "quant_down")  # per layer, (k + 1,) arrays over the rank
 
 
 @dataclass
@@ -80,10 +85,12 @@ class CostModel:
 
     names: list[str]
     shapes: list[tuple[int, int]]  # (out, in)
-    kept: list[np.ndarray]  # per layer, K(r) = 1 - T(r) for r = 0..k
+    trunc: list[np.ndarray]  # per layer, sum_{j not in top r} t_j for r = 0..k
+    quant_up: list[np.ndarray]  # per layer, sum_{j in top r} a_j for r = 0..k
+    quant_down: list[np.ndarray]  # per layer, sum_{j in top r} b_j for r = 0..k
     rmax: np.ndarray  # (L,) largest low-rank rank (below break-even)
     rdense: np.ndarray  # (L,) rank exported for a dense-stored layer (k, or break-even for an adapted layer)
-    weight: np.ndarray  # (L,) w_l
+    dense_sens: np.ndarray  # (L,) S_l of the weight a dense-stored layer keeps
     bias_bytes: np.ndarray  # (L,)
     float_bytes: int  # element size of the exported float weights
     lams: tuple[float, ...]
@@ -107,25 +114,24 @@ class CostModel:
     def points(self, l: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(bytes, damage, rank, storage index)`` of every setting of layer ``l``."""
         out, inn = self.shapes[l]
-        K, w, bias = self.kept[l], float(self.weight[l]), float(self.bias_bytes[l])
+        T, A, Bq, bias = self.trunc[l], self.quant_up[l], self.quant_down[l], float(self.bias_bytes[l])
         Q = len(self.lams) + 1
         b_all, d_all, r_all, q_all = [], [], [], []
-        r = np.arange(1, int(self.rmax[l]) + 1, dtype=np.float64)
+        r = np.arange(1, int(self.rmax[l]) + 1, dtype=np.int64)
         if r.size:
             up, dn = out * r, r * inn
             for q in range(Q):
                 bits, eps, fix, row = (getattr(self, f)[l, q] for f in _FIELDS)
                 nb = bits[0] * up / 8 + bits[1] * dn / 8 + fix[0] + fix[1] + row[0] * out + row[1] * r + bias
-                kr = K[r.astype(np.int64)]
                 b_all.append(nb)
-                d_all.append(w * ((1 - kr) + (eps[0] + eps[1]) * kr))
-                r_all.append(r.astype(np.int64))
+                d_all.append(T[r] + eps[0] * A[r] + eps[1] * Bq[r])
+                r_all.append(r)
                 q_all.append(np.full(r.size, q))
         rd = int(self.rdense[l])
         for q in range(Q):
             bits, eps, fix, row = (getattr(self, f)[l, q] for f in _FIELDS)
             b_all.append(np.array([bits[2] * out * inn / 8 + fix[2] + row[2] * out + bias]))
-            d_all.append(np.array([w * ((1 - K[rd]) + eps[2] * K[rd])]))
+            d_all.append(np.array([T[rd] + eps[2] * float(self.dense_sens[l])]))
             r_all.append(np.array([rd]))
             q_all.append(np.array([q]))
         return tuple(np.concatenate(x) for x in (b_all, d_all, r_all, q_all))  # type: ignore[return-value]
@@ -147,10 +153,11 @@ class CostModel:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         tensors = {f: torch.from_numpy(np.ascontiguousarray(getattr(self, f))) for f in _FIELDS}
-        for f in ("rmax", "rdense", "weight", "bias_bytes"):
+        for f in ("rmax", "rdense", "dense_sens", "bias_bytes"):
             tensors[f] = torch.from_numpy(np.ascontiguousarray(getattr(self, f)))
-        for l, k in enumerate(self.kept):
-            tensors[f"kept.{l}"] = torch.from_numpy(np.ascontiguousarray(k))
+        for f in _PER_LAYER:
+            for l, k in enumerate(getattr(self, f)):
+                tensors[f"{f}.{l}"] = torch.from_numpy(np.ascontiguousarray(k))
         header = {"format": COST_FORMAT, "key": self.key, "names": json.dumps(self.names),
                   "shapes": json.dumps(self.shapes), "lams": json.dumps(list(self.lams)),
                   "float_bytes": str(self.float_bytes), "meta": json.dumps(self.meta)}
@@ -160,11 +167,12 @@ class CostModel:
     def load(cls, path: str | os.PathLike) -> "CostModel":
         t, h = read_tensors(path, what="budget cost model")
         if h.get("format") != COST_FORMAT:
-            raise ValueError(f"{str(path)!r} is not an acip budget cost model (format={h.get('format')!r})")
+            raise ValueError(f"{str(path)!r} is not an acip budget cost model of this version "
+                             f"(format={h.get('format')!r}, expected {COST_FORMAT!r})")
         names = json.loads(h["names"])
         return cls(names=names, shapes=[tuple(s) for s in json.loads(h["shapes"])],
-                   kept=[t[f"kept.{l}"].numpy() for l in range(len(names))],
-                   rmax=t["rmax"].numpy(), rdense=t["rdense"].numpy(), weight=t["weight"].numpy(),
+                   **{f: [t[f"{f}.{l}"].numpy() for l in range(len(names))] for f in _PER_LAYER},
+                   rmax=t["rmax"].numpy(), rdense=t["rdense"].numpy(), dense_sens=t["dense_sens"].numpy(),
                    bias_bytes=t["bias_bytes"].numpy(), float_bytes=int(h["float_bytes"]),
                    lams=tuple(json.loads(h["lams"])), key=h["key"], meta=json.loads(h["meta"]),
                    **{f: t[f].numpy() for f in _FIELDS})
@@ -219,10 +227,11 @@ def _too_small(cm: CostModel, budget: float) -> BudgetError:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 def _layer_rates(layer: Any, order: torch.Tensor, rmax: int, rdense: int, adapters: bool, lams: tuple[float, ...],
-                 rows: int, name: str) -> dict[str, np.ndarray]:
-    """(Q, 3) arrays of bits / eps / fixed / row_bytes for (up, down, dense) of one layer."""
+                 rows: int, name: str, fis: LayerFisher | None = None) -> dict[str, Any]:
+    """(Q, 3) arrays of bits / eps / fixed / row_bytes for (up, down, dense) of one layer, and
+    ``dense_sens``: ``S`` of the dense weight it would store (None without ``fis``)."""
     fb = layer.base.element_size()
-    res = {f: np.zeros((len(lams) + 1, 3)) for f in _FIELDS}
+    res: dict[str, Any] = {f: np.zeros((len(lams) + 1, 3)) for f in _FIELDS}
     res["bits"][0, :] = 8.0 * fb  # float storage: exact, no tables
     mats: list[torch.Tensor | None] = [None, None, None]
     if rmax > 0:
@@ -235,37 +244,29 @@ def _layer_rates(layer: Any, order: torch.Tensor, rmax: int, rdense: int, adapte
         got = measure_rates(m, lams, rows=rows, seed=j, name=f"{name}[{('up', 'down', 'dense')[j]}]")
         for f in _FIELDS:
             res[f][1:, j] = got[f]
+    res["dense_sens"] = None if fis is None else fis.sensitivity(mats[2])
     return res
 
 
-@torch.no_grad()
-def _sensitivity(pm: ACIPModel, sm: ScoreMap, kept: list[np.ndarray], batches: list[dict]) -> np.ndarray:
-    """``w_l``: loss increase with layer ``l`` alone at half its parameters, per unit of dropped energy."""
+def _dense_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """The uncompressed layer ``c * ortho @ base`` (every direction, no adapter), differentiable."""
+    return nn.functional.linear(nn.functional.linear(x, layer.base) * layer.mask_scaling, layer.ortho, layer.bias)
+
+
+def _fisher(pm: ACIPModel, batches: list[dict], progress: Callable[[str], None] | None) -> dict[str, LayerFisher]:
+    """:func:`acip.quant.sensitivity.fisher` of every SVD layer of ``pm``, at the uncompressed model."""
+    import functools
+
     layers = pm.svd_layers()
-    alloc = sm.allocator()
-    at = {n: i for i, n in enumerate(alloc.names)}
-    was = pm.model.training
-    pm.model.eval()
+    for layer in layers.values():  # every direction, no adapter, whatever the masks and pruning say
+        layer.forward = functools.partial(_dense_forward, layer)
     try:
-        pm.unprune()
-        base = calibration_loss(pm.model, batches)
-        delta, dropped = [], []
-        for l, (name, layer) in enumerate(layers.items()):
-            r50 = max(1, min(layer.max_rank, (layer.in_features * layer.out_features) // (2 * (layer.in_features + layer.out_features))))
-            keep = torch.zeros(layer.max_rank, dtype=torch.bool, device=layer.mask.device)
-            keep[alloc.order_in_layer[at[name]][:r50].to(keep.device)] = True
-            layer.keep = keep
-            try:
-                delta.append(calibration_loss(pm.model, batches) - base)
-            finally:
-                layer.keep = None
-            dropped.append(1.0 - float(kept[l][r50]))
+        return fisher(pm.model, batches, dict(layers),
+                      directions={n: (l.ortho, l.base, l.mask_scaling) for n, l in layers.items()},
+                      progress=progress)
     finally:
-        pm.model.train(was)
-    delta_a, dropped_a = np.asarray(delta), np.maximum(np.asarray(dropped), 1e-12)
-    w = np.maximum(delta_a, 0.0) / dropped_a
-    floor = 0.01 * float(np.median(w[w > 0])) if (w > 0).any() else 1.0
-    return np.maximum(w, floor)
+        for layer in layers.values():
+            del layer.forward
 
 
 def _key(pm: ACIPModel, sm: ScoreMap, adapters: bool, lams: tuple[float, ...], rows: int,
@@ -286,7 +287,10 @@ def _key(pm: ACIPModel, sm: ScoreMap, adapters: bool, lams: tuple[float, ...], r
 def cost_model(pm: ACIPModel, sm: ScoreMap, *, adapters: bool = True, lams: tuple[float, ...] = DEFAULT_LAMS,
                calib: Any = None, cache: str | os.PathLike | None = None, rows: int = SAMPLE_ROWS,
                progress: Callable[[str], None] | None = None) -> CostModel:
-    """Measure (or load from ``cache`` / this process's memo) the cost model of ``pm`` with ``sm``'s order."""
+    """Measure (or load from ``cache`` / this process's memo) the cost model of ``pm`` with ``sm``'s order.
+
+    ``calib``: token-id batches of *training* text for the Fisher passes (one forward+backward per
+    window); without it the cost model is data-free (singular-value energies)."""
     lams = tuple(sorted(float(x) for x in lams))
     batches = calibration_batches(calib) if calib is not None else None
     key = _key(pm, sm, adapters, lams, rows, batches)
@@ -295,7 +299,7 @@ def cost_model(pm: ACIPModel, sm: ScoreMap, *, adapters: bool = True, lams: tupl
     if cache is not None and Path(cache).is_file():
         try:
             cm = CostModel.load(cache)
-        except Exception:  # noqa: BLE001 - a damaged or foreign cache is measured again
+        except Exception:  # noqa: BLE001 - a damaged, foreign or older cache is measured again
             cm = None
         if cm is not None and cm.key == key:
             _MEMO[key] = cm
@@ -303,35 +307,54 @@ def cost_model(pm: ACIPModel, sm: ScoreMap, *, adapters: bool = True, lams: tupl
     say = progress or (lambda _line: None)
     t0 = time.perf_counter()
     layers = pm.svd_layers()
+    fis: dict[str, LayerFisher] = {}
+    t_fisher = 0.0
+    if batches is not None:
+        fis = _fisher(pm, batches, progress)
+        t_fisher = time.perf_counter() - t0
+        say(f"cost model: Fisher of {len(layers)} layers from {sum(b['input_ids'].shape[0] for b in batches)} "
+            f"calibration windows, {t_fisher:.1f}s")
     alloc = sm.allocator()
     lift = pm.liftable_layers() if adapters else set(layers)
-    kept, rmax, rdense, bias_b, per = [], [], [], [], []
+    per_layer: dict[str, list[np.ndarray]] = {f: [] for f in _PER_LAYER}
+    rmax, rdense, bias_b, per, dense_sens = [], [], [], [], []
     at = {n: i for i, n in enumerate(alloc.names)}
     for l, (name, layer) in enumerate(layers.items()):
         order = alloc.order_in_layer[at[name]]
-        s2 = layer.singular_values.detach().double().cpu().pow(2)
-        k = int(s2.numel())
-        K = np.concatenate([[0.0], torch.cumsum(s2[order], 0).numpy() / max(float(s2.sum()), 1e-300)])
-        K[-1] = 1.0
+        k = int(layer.max_rank)
         brk = (layer.in_features * layer.out_features) // (layer.in_features + layer.out_features) + 1
         rm = min(k, brk - 1)
         rd = k if name in lift else min(k, brk)
-        kept.append(K)
+        f = fis.pop(name, None)
+        if f is None:  # data-free: relative energy of the singular values, in the score map's order
+            s2 = layer.singular_values.detach().double().cpu().pow(2)
+            e = (s2[order] / max(float(s2.sum()), 1e-300)).numpy()
+            t_j = a_j = b_j = e
+        else:
+            idx = order.to(f.t.device)
+            t_j, a_j, b_j = (x.double().cpu().index_select(0, idx.cpu()).numpy() for x in (f.t, f.a, f.b))
+        kept_a = np.concatenate([[0.0], np.cumsum(a_j)])
+        kept_b = np.concatenate([[0.0], np.cumsum(b_j)])
+        trunc = float(np.sum(t_j)) - np.concatenate([[0.0], np.cumsum(t_j)])
+        trunc[-1] = 0.0
+        per_layer["trunc"].append(np.maximum(trunc, 0.0))
+        per_layer["quant_up"].append(kept_a)
+        per_layer["quant_down"].append(kept_b)
         rmax.append(rm)
         rdense.append(rd)
         bias_b.append(0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size())
-        per.append(_layer_rates(layer, order, rm, rd, adapters, lams, rows, name))
+        got = _layer_rates(layer, order, rm, rd, adapters, lams, rows, name, f)
+        dense_sens.append(kept_a[rd] if got["dense_sens"] is None else got["dense_sens"])
+        per.append(got)
         say(f"cost model: {name} ({l + 1}/{len(layers)}), {time.perf_counter() - t0:.1f}s")
-    weight = np.ones(len(layers))
-    if batches is not None:
-        weight = _sensitivity(pm, sm, kept, batches)
-        say(f"cost model: sensitivities from {len(batches)} calibration batches, {time.perf_counter() - t0:.1f}s")
     fb = next(iter(layers.values())).base.element_size()
-    cm = CostModel(names=list(layers), shapes=[(l.out_features, l.in_features) for l in layers.values()], kept=kept,
-                   rmax=np.asarray(rmax, dtype=np.int64), rdense=np.asarray(rdense, dtype=np.int64), weight=weight,
+    cm = CostModel(names=list(layers), shapes=[(l.out_features, l.in_features) for l in layers.values()],
+                   **per_layer, rmax=np.asarray(rmax, dtype=np.int64), rdense=np.asarray(rdense, dtype=np.int64),
+                   dense_sens=np.asarray(dense_sens, dtype=np.float64),
                    bias_bytes=np.asarray(bias_b, dtype=np.float64), float_bytes=int(fb), lams=lams, key=key,
                    meta={"calibrated": batches is not None, "seconds": round(time.perf_counter() - t0, 2),
-                         "score_map": sm.method},
+                         "fisher_seconds": round(t_fisher, 2), "score_map": sm.method,
+                         "calib_windows": 0 if batches is None else sum(b["input_ids"].shape[0] for b in batches)},
                    **{f: np.stack([p[f] for p in per]) for f in _FIELDS})
     _MEMO[key] = cm
     if cache is not None:
@@ -384,7 +407,7 @@ def export_budget(source: Any, *, size_mb: float | None = None, bits_per_param: 
     """Build the least-damage export whose target layers store at most the budget (see module docstring).
 
     ``size_mb`` (10^6 bytes) or ``bits_per_param`` (over the target layers' dense parameters) sets the
-    budget. ``calib``: token-id batches for the per-layer sensitivities (else data-free). ``cache``:
+    budget. ``calib``: token-id batches of training text for the Fisher sensitivities (else data-free). ``cache``:
     where the cost model is kept (default: ``budget_cost.safetensors`` in a run directory source).
     Per-layer choices, predicted and measured bytes are in ``model.config.acip_export["budget"]``.
     """
@@ -442,6 +465,6 @@ def export_budget(source: Any, *, size_mb: float | None = None, bits_per_param: 
         "seconds": round(time.perf_counter() - t0, 2),
         "layers": {n: {"rank": a.ranks[n], "storage": a.storage[n], "bytes": got[n],
                        "predicted_bytes": round(a.nbytes[n]), "damage": a.damage[n],
-                       "weight": float(cm.weight[i])} for i, n in enumerate(cm.names)},
+                       "sensitivity": float(cm.dense_sens[i])} for i, n in enumerate(cm.names)},
     }
     return new

@@ -6,12 +6,14 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["EntropyQuantConfig", "NF4Config", "config_from_dict", "FORMATS", "FALLBACKS", "BACKENDS", "ALLOCATIONS"]
+__all__ = ["EntropyQuantConfig", "NF4Config", "config_from_dict", "FORMATS", "FALLBACKS", "BACKENDS", "ALLOCATIONS",
+           "SOLVERS"]
 
 FORMATS = ("e4m3", "int8")
 FALLBACKS = ("absmax8", "raise", "keep")
 BACKENDS = ("auto", "torch", "constriction")
 ALLOCATIONS = ("uniform", "sensitivity")
+SOLVERS = ("search", "lbfgs")
 
 
 def _number(name: str, value: Any, *, lo: float, lo_open: bool = False, hint: str) -> float:
@@ -105,7 +107,7 @@ class EntropyQuantConfig:
     """Entropy-coded 8-bit quantization (EntQuant style) of every target ``nn.Linear``.
 
     For each weight ``W`` (out x in) and each row ``i`` a power-of-two scale ``2**t_i`` (integer
-    ``t_i``) is chosen to minimise
+    ``t_i``) is chosen to minimise (exactly, row by row, with the default ``solver="search"``)
 
         L(t) = ||W - 2**t * q||_1 / ||W||_1 + lam * mean(|q|) / u_fmt,
         q = cast_fmt(clamp(W / 2**t, -q_max, q_max)),
@@ -119,6 +121,11 @@ class EntropyQuantConfig:
         fmt: "e4m3" (float8, default) or "int8" (uniform integer codes). On MiniLM int8 lost
             at matched bits (cos ~0.92 vs ~0.96 at 3.9 bits) and its 8-bit dynamic range sends
             outlier-heavy layers to the absmax8 fallback; see docs/BENCHMARKS.md.
+        solver: "search" (default): the exact minimiser over integer exponents, every row's
+            candidates evaluated at once (``acip.quant.optimize``). "lbfgs": the EntQuant
+            paper's LBFGS over a continuous relaxation of the exponents (the default before
+            2026-12-01), within 0.1-2% of the exact loss and about 3x slower; ``lr``,
+            ``max_iter``, ``tol``, ``patience``, ``check_every`` and ``max_retries`` apply to it only.
         lr: LBFGS learning rate (> 0); halved on every NaN retry.
         max_iter: maximum LBFGS iterations per weight (>= 1).
         chunk_bytes: maximum symbols per independently decodable chunk/stream (>= 1024).
@@ -139,10 +146,10 @@ class EntropyQuantConfig:
         backend: ANS codec: "auto" (= "torch", our interleaved rANS), "torch" or
             "constriction" (the reference coder; needs that package).
         allocation: "uniform" (default, data-free): every layer at ``lam``. "sensitivity": lam
-            varies by layer at the bytes uniform ``lam`` would take, from a per-layer cost model
-            (needs calibration batches: ``quantize_(model, cfg, calib=batches)``; see
-            ``acip.quant.optimize.plan_layer_lams``): layers whose error costs more loss get a
-            smaller lam (more bits).
+            varies by layer at the bytes uniform ``lam`` would take, from the empirical-Fisher
+            cost model of :mod:`acip.quant.sensitivity` (needs calibration batches of training
+            text: ``quantize_(model, cfg, calib=batches)``; see ``plan_layer_lams`` there):
+            layers whose error costs more loss get a smaller lam (more bits).
     """
 
     lam: float = 14.5
@@ -160,6 +167,7 @@ class EntropyQuantConfig:
     exclude_modules: str | tuple[str, ...] | None = None
     backend: str = "auto"
     allocation: str = "uniform"
+    solver: str = "search"
 
     def __post_init__(self) -> None:
         self.lam = _number("lam", self.lam, lo=0.0, hint="use lam >= 0 (larger lam, fewer bits; e.g. 3.9, 14.5 or 58)")
@@ -180,6 +188,8 @@ class EntropyQuantConfig:
         self.backend = _choice("backend", self.backend, BACKENDS, "Use 'auto' unless you are comparing codecs.")
         self.allocation = _choice("allocation", self.allocation, ALLOCATIONS,
                                   "'uniform' is data-free; 'sensitivity' needs quantize_(model, cfg, calib=batches).")
+        self.solver = _choice("solver", self.solver, SOLVERS,
+                              "'search' is exact and the default; 'lbfgs' is the EntQuant paper's optimiser.")
 
     def to_dict(self) -> dict[str, Any]:
         d = _to_dict(self)

@@ -162,7 +162,7 @@ def _per_layer_configs(model: nn.Module, cfg: Any, targets: Mapping[str, nn.Line
                          "e.g. batches = acip.eval.token_windows(tok, acip.data.kjv_split()[0], 128, 8)")
     from dataclasses import replace
 
-    from .optimize import plan_layer_lams
+    from .sensitivity import plan_layer_lams
 
     return {n: replace(cfg, lam=lam) for n, lam in plan_layer_lams(model, dict(targets), cfg, calib).items()}
 
@@ -182,7 +182,8 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
     ``"name"`` picks the alias, default ``"entropy"``) or None (``EntropyQuantConfig()``).
     ``progress`` (e.g. ``print``) receives one line per target layer. ``calib``: calibration batches
     (token ids) for a config with ``allocation="sensitivity"``, which then sets each layer's ``lam``
-    (``acip.quant.optimize.plan_layer_lams``); every other config is data-free and refuses it.
+    (``acip.quant.sensitivity.plan_layer_lams``, from the empirical Fisher); every other config is
+    data-free and refuses it.
 
     Raises ``NoTargetLayersError`` when no layer is selected and ``TypeError`` for a target whose
     weight is not a float tensor, both before any layer changes.
