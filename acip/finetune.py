@@ -207,20 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _modernise(argv: Sequence[str]) -> list[str]:
-    """``ratio=0.6`` -> ``--ratio 0.6``; ``run_dir=...`` -> the positional argument."""
-    out: list[str] = []
-    for a in argv:
-        key, sep, val = a.partition("=")
-        if not sep or a.startswith("-") or "/" in key:
-            out.append(a)
-        elif key == "run_dir":
-            out.append(val)
-        else:
-            out += [f"--{key.replace('_', '-')}", val]
-    return out
-
-
 def _run_config(run_dir: Path) -> Any:
     f = run_dir / "config.yaml"
     if not f.is_file():
@@ -268,7 +254,9 @@ def _objective(cfg: Any, which: str) -> tuple[Any, str]:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Export, fine-tune, merge, save; prints the held-out perplexity before and after."""
     ap = build_parser()
-    args = ap.parse_args(_modernise(sys.argv[1:] if argv is None else argv))
+    from acip.cli.export import modernise_argv  # ``ratio=0.6`` -> ``--ratio=0.6``, one rule for both CLIs
+
+    args = ap.parse_args(modernise_argv(sys.argv[1:] if argv is None else argv))
     for key in ("steps", "rank", "batch_size"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
