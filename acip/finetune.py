@@ -1,6 +1,7 @@
-"""Fine-tune after export: ``python -m acip.finetune <run_dir> ratio=0.6 steps=200`` (``acip-finetune``).
+"""Fine-tune a finished run: after export at one ratio, or its own adapters at every ratio.
 
-Exports the run at ``--ratio`` (``adapters="auto"`` unless ``--adapters`` says otherwise), puts a
+``python -m acip.finetune <run_dir> ratio=0.6 steps=200`` (``acip-finetune``, ``mode=export``)
+exports the run at ``--ratio`` (``adapters="auto"`` unless ``--adapters`` says otherwise), puts a
 LoRA adapter on every linear of the exported target layers (the ``down`` and ``up`` factors of each
 ``LowRankLinear``, or the layer itself where it was stored dense), trains only those adapters for
 ``--steps`` AdamW steps on the run's data (its ``config.yaml`` data group, else the KJV training
@@ -13,6 +14,18 @@ The LoRA here is acip's own few lines (:class:`LoRALinear`), so peft is not need
 a distillation objective's teacher is the run's parametrized model under ``dense_view()`` (the
 uncompressed base model, no second copy of the dense weights). ``config.acip_export["finetune"]``
 records the settings, the loss curve's ends and the held-out perplexity before and after.
+
+``python -m acip.finetune <run_dir> mode=ratio_sampled steps=50`` post-tunes the run's *own* LoRA
+adapters (masks and score map unchanged) with the pruning ratio sampled per step: before step
+``t`` the model computes its export at ``rho_t = lo + (hi - lo) u_t`` (``u_t`` seeded by
+``(seed, t)``, :func:`acip.train.schedule.sampled_ratio`; ``ratios=lo,hi``, default
+``[stop_ratio, 1.0]``) through :meth:`acip.ACIPModel.at_ratio`, the same mechanism as a run's
+``acip.post_tune_ratios``. The data is the run's training texts minus a seeded random
+``val_fraction`` of them (:func:`acip.train.data.validation_split`), which is never trained on:
+after training the ``adapters="auto"`` decision is re-measured on it at ``decide_ratios``
+(exports with and without the adapters) and recorded in the score map
+(:func:`acip.export.auto.record_decision`; ``meta["ratio_sampled"]`` holds the settings). The
+result is an ``ACIPModel`` directory that ``acip.export`` / ``acip.load`` read.
 """
 from __future__ import annotations
 
@@ -27,7 +40,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora", "finetune", "main", "build_parser"]
+__all__ = ["LoRALinear", "add_lora", "merge_lora", "finetune", "post_tune_sampled", "validation_texts",
+           "decide_on_validation", "main", "build_parser"]
 
 
 class LoRALinear(nn.Module):
@@ -147,28 +161,12 @@ def finetune(model: nn.Module, windows: torch.Tensor, steps: int, *, lr: float =
     objective = objective or _ce
     wrapped = add_lora(model, r=r, alpha=alpha, seed=seed)
     params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(windows), generator=g)
-    device = next(model.parameters()).device
     student = _Student(model, teacher)
     model.train()
-    losses: list[float] = []
     t0 = time.perf_counter()
     try:
-        for step in range(steps):
-            rows = perm[(torch.arange(batch_size) + step * batch_size) % len(windows)]
-            ids = windows[rows].to(device)
-            loss, _ = objective(student, ids)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the fine-tuning loss is {float(loss)} at step {step}: lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if log and (step % max(1, log_every) == 0 or step == steps - 1):
-                log(f"[acip] finetune step {step + 1}/{steps} loss {losses[-1]:.4f} "
-                    f"[{time.perf_counter() - t0:.0f}s]")
+        losses = _train_loop(params, windows, steps, lambda ids: objective(student, ids)[0], lr=lr,
+                             batch_size=batch_size, seed=seed, log_every=log_every, log=log, what="finetune")
     finally:
         model.eval()
         merge_lora(model, wrapped)
@@ -178,14 +176,135 @@ def finetune(model: nn.Module, windows: torch.Tensor, steps: int, *, lr: float =
             "time_s": time.perf_counter() - t0}
 
 
+def _train_loop(params: list[torch.nn.Parameter], windows: torch.Tensor, steps: int, loss_of: Any, *, lr: float,
+                batch_size: int, seed: int, log_every: int, log: Any, what: str, context: Any = None) -> list[float]:
+    """AdamW on ``params`` for ``steps`` steps; step ``t`` minimises ``loss_of(ids)`` on rows
+    ``perm[(t * batch_size) % n ...]`` of a seeded permutation of ``windows``, its forward and
+    backward inside ``context(t)`` when given (a context manager). Returns the losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    device = params[0].device
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        ids = windows[perm[(torch.arange(batch_size) + step * batch_size) % len(windows)]].to(device)
+        with context(step) if context is not None else contextlib.nullcontext():
+            loss = loss_of(ids)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the {what} loss is {float(loss)} at step {step}: lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log and (step % max(1, log_every) == 0 or step == steps - 1):
+            log(f"[acip] {what} step {step + 1}/{steps} loss {losses[-1]:.4f} [{time.perf_counter() - t0:.0f}s]")
+    return losses
+
+
+def post_tune_sampled(pm: Any, windows: torch.Tensor, steps: int, ratios: tuple[float, float], *, lr: float = 1e-3,
+                      batch_size: int = 4, seed: int = 0, objective: Any = None, log_every: int = 10,
+                      log: Any = print) -> dict[str, Any]:
+    """Train ``pm``'s own LoRA adapters with the ratio sampled per step; masks and score map untouched.
+
+    Step ``t`` computes the loss of ``pm`` at ``rho_t = sampled_ratio(seed, t, lo, hi)`` (inside
+    ``pm.at_ratio(rho_t)``: exactly the export at ``rho_t``, adapters included) and takes one AdamW
+    step on the adapters only. ``pm`` is changed in place; returns the record saved in
+    ``score_map.meta["ratio_sampled"]`` (the ratios drawn, the loss curve's ends).
+    """
+    from acip.train.schedule import check_ratio_bounds, sampled_ratio
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(windows) < 1:
+        raise ValueError("no training windows")
+    if pm.score_map is None:
+        raise ValueError("this model has no score map to prune with: pass a trained run directory")
+    lo, hi = check_ratio_bounds(ratios, "--ratios")
+    params = pm.lora_parameters()
+    if not params:
+        raise ValueError("this run has no LoRA adapters to post-tune (acip.lora was null)")
+    objective = objective or _ce
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    drawn: list[float] = []
+
+    def at_sampled_ratio(step: int) -> Any:
+        drawn.append(sampled_ratio(seed, step, lo, hi))
+        return pm.at_ratio(drawn[-1], pm.score_map)
+
+    pm.train()
+    t0 = time.perf_counter()
+    try:
+        losses = _train_loop(params, windows, steps, lambda ids: objective(pm, ids)[0], lr=lr, batch_size=batch_size,
+                             seed=seed, log_every=log_every, log=log, context=at_sampled_ratio,
+                             what=f"ratio-sampled post-tune in [{lo:g}, {hi:g}]")
+    finally:
+        pm.eval()
+        for p in params:
+            p.requires_grad_(False)
+    k = max(1, min(10, steps // 4))
+    return {"steps": steps, "ratios": [lo, hi], "lr": lr, "batch_size": batch_size, "seq_len": int(windows.shape[1]),
+            "seed": seed, "drawn": [round(r, 6) for r in drawn], "loss_first": sum(losses[:k]) / k,
+            "loss_last": sum(losses[-k:]) / k, "time_s": time.perf_counter() - t0}
+
+
+def validation_texts(texts: Sequence[str], tokenizer: Any, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """``(train_rest, val)``: a seeded random ``fraction`` of the training ``texts`` set aside (never trained on).
+
+    :func:`acip.train.data.validation_split` with no token target, so the split is exactly
+    ``int(len(texts) * fraction)`` texts (at least one), kept in text order.
+    """
+    from acip.train.data import validation_split
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1) (the share of the training texts set aside for "
+                         f"validation), got {fraction!r}")
+    rest, val = validation_split(list(texts), tokenizer, 10 ** 12, max_fraction=float(fraction), seed=int(seed))
+    return list(rest), list(val)
+
+
+def decide_on_validation(pm: Any, windows: torch.Tensor, ratios: Sequence[float], log: Any = print) -> dict[str, bool]:
+    """Re-measure ``adapters="auto"``: export ``pm`` at each ratio with and without its adapters, compare
+    perplexity on the validation ``windows`` and record the decision in ``pm.score_map``
+    (:func:`acip.export.auto.record_decision`). Returns it (``{"0.9": True, ...}``)."""
+    from acip.export.auto import record_decision
+    from acip.train.callbacks.final_eval import evaluate_score_maps
+
+    sm = pm.score_map
+    maps = {"acip_adapters": (sm, {"adapters": True}), "acip_no_adapters": (sm, {"adapters": False})}
+    ppl = evaluate_score_maps(maps, {"val": windows}, list(ratios), pm, log=log or (lambda *_: None))["ppl"]["val"]
+    return record_decision(sm, {r: {"adapters": ppl["acip_adapters"][r], "no_adapters": ppl["acip_no_adapters"][r]}
+                                for r in ratios})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="acip-finetune",
-        description="Export an ACIP run at one ratio, fine-tune LoRA adapters on the exported factors, merge them "
-                    "and save a model that acip.load reads.",
-        epilog="Also accepted: python -m acip.finetune <run_dir> ratio=0.6 steps=200 (key=value for any option).")
+        description="mode=export (default): export an ACIP run at one ratio, fine-tune LoRA adapters on the exported "
+                    "factors, merge them and save a model that acip.load reads. mode=ratio_sampled: post-tune the "
+                    "run's own adapters with the pruning ratio sampled per step, re-measure adapters='auto' on a "
+                    "validation split of the training texts and save an ACIPModel directory (acip.export reads it).",
+        epilog="Also accepted: python -m acip.finetune <run_dir> ratio=0.6 steps=200 (key=value for any option); "
+               "python -m acip.finetune <run_dir> mode=ratio_sampled steps=50 ratios=0.5,1.0")
     ap.add_argument("run_dir", help="a finished run directory (python -m acip.compress)")
-    ap.add_argument("--ratio", type=float, required=True, help="size ratio of the export, in (0, 1]")
+    ap.add_argument("--mode", choices=("export", "ratio_sampled"), default="export",
+                    help="export: LoRA on the export at --ratio (default); ratio_sampled: the run's own adapters at "
+                         "ratios sampled in --ratios per step")
+    ap.add_argument("--ratio", type=float, default=None, help="mode=export: size ratio of the export, in (0, 1]")
+    ap.add_argument("--ratios", type=str, default=None,
+                    help="mode=ratio_sampled: 'lo,hi', the range each step's ratio is drawn from uniformly "
+                         "(default: the run's stop ratio to 1.0)")
+    ap.add_argument("--val-fraction", type=float, default=0.015,
+                    help="mode=ratio_sampled: seeded random share of the training texts set aside (never trained "
+                         "on) to re-measure adapters='auto' on (default 0.015)")
+    ap.add_argument("--val-windows", type=int, default=16,
+                    help="mode=ratio_sampled: validation windows of --eval-seq-len tokens (default 16)")
+    ap.add_argument("--eval-seq-len", type=int, default=256, help="tokens per evaluation window (default 256)")
+    ap.add_argument("--decide-ratios", type=str, default=None,
+                    help="mode=ratio_sampled: ratios 'a,b,...' at which the adapters decision is measured (default: "
+                         "the run's recorded ones, else 0.9,0.8,0.7,0.6,0.5)")
     ap.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the adapters (default 1e-3)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (capped at each factor's size; default 8)")
@@ -203,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out windows for the perplexity before and after (0 = skip; default 8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=None, help="output directory (default <run_dir>/finetune_r<ratio>)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default <run_dir>/finetune_r<ratio>, mode=ratio_sampled: "
+                         "<run_dir>/ratio_sampled)")
     return ap
 
 
@@ -264,8 +385,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ap.error(f"--seq-len must be >= 2, got {args.seq_len}")
     if not args.lr > 0:
         ap.error(f"--lr must be > 0, got {args.lr}")
-    if not 0.0 < args.ratio <= 1.0:
-        ap.error(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.mode == "export":
+        if args.ratio is None:
+            ap.error("mode=export needs --ratio (the export's size ratio, e.g. ratio=0.6)")
+        if not 0.0 < args.ratio <= 1.0:
+            ap.error(f"--ratio must be in (0, 1], got {args.ratio}")
+    elif args.ratio is not None:
+        ap.error(f"mode=ratio_sampled trains for every ratio; --ratio={args.ratio} has no meaning there (use "
+                 f"ratios=lo,hi for the sampled range)")
+    elif args.val_windows < 1 or args.eval_seq_len < 2:
+        ap.error(f"--val-windows must be >= 1 and --eval-seq-len >= 2, got {args.val_windows}, {args.eval_seq_len}")
     import json
 
     import acip
@@ -286,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if tok is None:
         ap.error(f"the base model {config.source.model!r} has no tokenizer")
     pm = ACIPModel.from_pretrained(run_dir, model=base)
+    if args.mode == "ratio_sampled":
+        return _ratio_sampled(ap, args, run_dir, pm, tok)
     adapters: Any = {"auto": "auto", "true": True, "false": False}[args.adapters]
     model = acip.export(pm, args.ratio, adapters=adapters)
     cfg = _run_config(run_dir)
@@ -310,6 +441,66 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if held_w is not None:
         print(f"[acip] held-out perplexity {before:.3f} -> {after:.3f} ({len(held_w)} windows)", flush=True)
     print(f"[acip] fine-tuned model (adapters merged, ratio {acip.size_ratio(model):.4f}) -> {out}", flush=True)
+    return out
+
+
+def _floats(text: str, key: str, ap: argparse.ArgumentParser) -> list[float]:
+    try:
+        return [float(x) for x in str(text).strip("[]()").split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--{key} must be comma-separated numbers, e.g. {key}=0.5,1.0; got {text!r}")
+        raise  # unreachable: ap.error exits
+
+
+def _ratio_sampled(ap: argparse.ArgumentParser, args: argparse.Namespace, run_dir: Path, pm: Any, tok: Any) -> Path:
+    """``mode=ratio_sampled``: post-tune, re-measure ``adapters="auto"`` on the validation split, save the ACIPModel."""
+    import shutil
+
+    from acip.core.size import check_ratio
+    from acip.eval.perplexity import token_windows
+    from acip.export.auto import recorded_decisions
+    from acip.train.schedule import check_ratio_bounds
+
+    if pm.score_map is None:
+        ap.error(f"{str(run_dir)!r} holds no score map: pass the directory of a trained run")
+    if not pm.lora_parameters():
+        ap.error(f"{str(run_dir)!r} has no LoRA adapters (acip.lora was null): nothing to post-tune")
+    try:
+        bounds = check_ratio_bounds("uniform" if args.ratios is None else _floats(args.ratios, "ratios", ap),
+                                    "--ratios", pm.score_map.stop_ratio)
+        decide = ([check_ratio(r, "--decide-ratios") for r in _floats(args.decide_ratios, "decide-ratios", ap)]
+                  if args.decide_ratios else sorted(recorded_decisions(pm.score_map), reverse=True)
+                  or [0.9, 0.8, 0.7, 0.6, 0.5])
+    except ValueError as e:
+        ap.error(str(e))
+    out = Path(args.out or run_dir / "ratio_sampled").expanduser()
+    if out.resolve() == run_dir.resolve():
+        ap.error("--out is the run directory itself: write the post-tuned model elsewhere (e.g. <run_dir>/ratio_sampled)")
+    cfg = _run_config(run_dir)
+    train, _, data_name = _texts(cfg, args.data)
+    train, val = validation_texts(train, tok, args.val_fraction, args.seed)
+    objective, obj_name = _objective(cfg, args.objective)
+    windows = token_windows(tok, train, args.seq_len, args.steps * args.batch_size)
+    val_w = token_windows(tok, val, args.eval_seq_len, args.val_windows)
+    print(f"[acip] ratio-sampled post-tuning of {str(run_dir)!r}'s adapters, ratio ~ U[{bounds[0]:g}, {bounds[1]:g}] "
+          f"per step, on {data_name} ({len(windows)} windows of {args.seq_len} tokens, {len(val)} of {len(val) + len(train)} "
+          f"texts set aside for validation) with {obj_name}", flush=True)
+    record = post_tune_sampled(pm, windows, args.steps, bounds, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                               objective=objective, log_every=args.log_every)
+    before = recorded_decisions(pm.score_map)
+    decision = decide_on_validation(pm, val_w, decide)
+    record.update(data=data_name, objective=obj_name, run_dir=str(run_dir),
+                  validation={"split": "train", "fraction": args.val_fraction, "seed": args.seed, "texts": len(val),
+                              "windows": len(val_w), "seq_len": args.eval_seq_len},
+                  adapters_auto_before={f"{r:g}": v for r, v in before.items()})
+    pm.score_map.meta["ratio_sampled"] = record
+    pm.save_pretrained(out)
+    if (run_dir / "config.yaml").is_file():  # its data and objective groups, for a later fine-tune or export
+        shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    tok.save_pretrained(out)
+    print(f"[acip] adapters='auto' on the validation split: {decision} (before: "
+          f"{record['adapters_auto_before'] or 'none recorded'})", flush=True)
+    print(f"[acip] post-tuned ACIPModel (masks and score map unchanged) -> {out}", flush=True)
     return out
 
 

@@ -99,3 +99,33 @@ def test_distillation_objective_uses_the_runs_uncompressed_model_as_teacher():
     with pytest.raises(ValueError, match="teacher"):
         finetune(acip.export(pm, 0.5, score_map=ScoreMap.from_singular_values(pm)), windows, 1, objective=kd,
                  log=None)
+
+
+def test_ratio_sampled_cli_post_tunes_the_runs_adapters_and_records_auto_on_training_validation(tmp_path):
+    """mode=ratio_sampled: masks and score map unchanged, adapters trained, decision re-measured and saved."""
+    from acip.export.auto import recorded_decisions
+
+    run = tiny_run()
+    out = tmp_path / "rs"
+    cmd = [sys.executable, "-m", "acip.finetune", str(run), "mode=ratio_sampled", "steps=4", "seq_len=32",
+           "ratios=0.4,1.0", "val_windows=2", "eval_seq_len=32", "decide_ratios=0.9,0.5", "seed=3", f"out={out}"]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    before, after = acip.load(run), acip.load(out)  # an ACIPModel directory, as acip.load reads it
+    assert after.score_map.digest() == before.score_map.digest()
+    assert all(torch.equal(m, before.masks()[n]) for n, m in after.masks().items())
+    assert any(not torch.equal(a, b) for a, b in zip(after.lora_parameters(), before.lora_parameters()))
+    rec = after.score_map.meta["ratio_sampled"]
+    from acip.train.schedule import sampled_ratio
+
+    assert rec["drawn"] == [round(sampled_ratio(3, t, 0.4, 1.0), 6) for t in range(4)]
+    assert rec["validation"]["split"] == "train" and rec["validation"]["texts"] >= 1
+    assert set(recorded_decisions(after.score_map)) == {0.9, 0.5}
+    assert set(after.score_map.meta["adapters_auto_val"]["0.9"]) == {"adapters", "no_adapters"}
+    small = acip.export(out, 0.9)  # adapters="auto" follows the new decision
+    assert small.config.acip_export["adapters"] == recorded_decisions(after.score_map)[0.9]
+    for bad, msg in ((["ratio=0.6"], "no meaning"), (["ratios=0.9,0.5"], "lower bound is above"),
+                     ([f"out={run}"], "run directory itself")):
+        proc = subprocess.run([sys.executable, "-m", "acip.finetune", str(run), "mode=ratio_sampled", *bad],
+                              env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]

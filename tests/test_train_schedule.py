@@ -1,6 +1,8 @@
 """The ACIP algorithm in the module: schedule, stop switch, post-tuning and score map, in one order."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -156,3 +158,89 @@ def test_a_run_with_post_tuning_records_the_stop_step_and_freezes_the_masks(tmp_
     assert saved.score_map.digest() == module.score_map.digest() and saved.score_map.meta["global_step"] == stop + 4
     for n, m in saved.masks().items():  # pruned at (or before) the stop step -> score <= -1
         assert torch.equal(saved.score_map.scores[n] <= -1, m <= 0), n
+
+
+def test_sampled_ratio_is_a_pure_function_of_seed_and_step_inside_the_bounds():
+    from acip.train.schedule import sampled_ratio
+
+    draws = [sampled_ratio(0, t, 0.5, 1.0) for t in range(200)]
+    assert draws == [sampled_ratio(0, t, 0.5, 1.0) for t in range(200)]  # a resumed run draws the same
+    assert all(0.5 <= r < 1.0 for r in draws) and min(draws) < 0.55 and max(draws) > 0.95
+    assert draws[:5] != [sampled_ratio(1, t, 0.5, 1.0) for t in range(5)] and sampled_ratio(4, 9, 0.7, 0.7) == 0.7
+
+
+@pytest.mark.parametrize("ratios, match", [([0.0, 1.0], r"post_tune_ratios\[0\] must be in \(0, 1\]"),
+                                           ([0.5, 1.2], r"post_tune_ratios\[1\] must be in \(0, 1\]"),
+                                           ([0.9, 0.5], "lower bound is above the upper one"),
+                                           ([0.5], r"must be \[lo, hi\]"), ("gaussian", r"or 'uniform'")])
+def test_bad_post_tune_ratios_are_named_with_the_fix(ratios, match):
+    with pytest.raises(ValueError, match=match):
+        ACIPSchedule(stop_ratio=0.5, post_tune_steps=5, post_tune_ratios=ratios)
+
+
+def test_post_tune_ratios_need_post_tuning_and_uniform_means_stop_ratio_to_one():
+    with pytest.raises(ValueError, match="acip.post_tune_steps=0: set acip.post_tune_steps > 0"):
+        ACIPSchedule(stop_ratio=0.5, post_tune_ratios=[0.5, 1.0])
+    with pytest.raises(ValueError, match="there is no stop ratio"):
+        ACIPSchedule(post_tune_steps=3, post_tune_ratios="uniform")
+    s = ACIPSchedule.from_config({"l1_init": 1e-3, "reg_factor": 1.0, "reg_every": 1, "stop_ratio": 0.4,
+                                  "post_tune_steps": 3, "max_steps": 9, "post_tune_ratios": "uniform"}, seed=7)
+    assert s.post_tune_ratios == (0.4, 1.0) and s.seed == 7
+    assert s.post_tune_ratio(5) is None  # the acip phase: no sampling
+    s.advance(2, 0.39)
+    resumed = ACIPSchedule(stop_ratio=0.4, post_tune_steps=3, post_tune_ratios=[0.4, 1.0], seed=7)
+    resumed.load_state_dict(s.state_dict())
+    assert s.post_tune_ratio(3) == resumed.post_tune_ratio(3) and 0.4 <= s.post_tune_ratio(3) < 1.0
+
+
+def test_sampled_post_tuning_in_a_trainer_runs_each_step_at_its_ratio_and_trains_only_the_adapters():
+    """Each post-tune step's forward sees the export at rho_t = sampled_ratio(seed, t); masks stay frozen."""
+    import lightning.pytorch as pl
+
+    from acip.train.schedule import sampled_ratio
+    from test_train_module import tiny_data
+
+    seen: list[tuple[int, float, float]] = []  # (step, logged ratio, the ratio the forward ran at)
+    at_stop: dict[str, torch.Tensor] = {}
+    lora_at_stop: list[torch.Tensor] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 1:  # the stop step: the masks freeze here
+                at_stop.update({n: m.detach().clone() for n, m in pl_module.pm.masks().items()})
+                lora_at_stop.extend(p.detach().clone() for p in pl_module.pm.lora_parameters())
+            if "post_tune_ratio" in pl_module.last:
+                seen.append((trainer.global_step - 1, pl_module.last["post_tune_ratio"], ratio_in_forward[-1]))
+
+    ratio_in_forward: list[float] = []
+    pm = tiny_pm(lora={"r": 2, "lora_alpha": 4})
+    with torch.no_grad():  # half of every layer's directions already pruned by its mask
+        for m in pm.mask_parameters():
+            m[m.numel() // 2:] = -1.0
+    mask_ratio = pm.size_ratio()
+    schedule = ACIPSchedule(stop_ratio=0.99, post_tune_steps=5, max_steps=3, post_tune_ratios=[0.3, 1.0], seed=11)
+    module = ACIPModule(pm, lr=1e-3, lora_lr=5e-3, schedule=schedule)
+    orig = module.task_loss
+
+    def spying_task_loss(ids):
+        ratio_in_forward.append(pm.size_ratio())
+        return orig(ids)
+
+    module.task_loss = spying_task_loss
+    trainer = pl.Trainer(accelerator="cpu", max_steps=schedule.total_steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         callbacks=[Spy()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ratios below this tiny run's stop ratio warn
+        trainer.fit(module, datamodule=tiny_data(schedule.total_steps))
+        assert schedule.stop_step == 1 and trainer.global_step == 6 and len(seen) == 5
+        for step, logged, in_forward in seen:
+            want = sampled_ratio(11, step, 0.3, 1.0)
+            assert logged == want
+            with pm.at_ratio(want, module.score_map):  # the forward ran at exactly that export's ranks
+                assert in_forward == pm.size_ratio()
+    assert len({round(r, 3) for _, _, r in seen}) > 1  # the ratio changes from step to step
+    assert max(r for _, _, r in seen) > mask_ratio + 0.05  # pruned directions came back above the masks' ratio
+    assert at_stop and all(torch.equal(m, at_stop[n]) for n, m in pm.masks().items())  # frozen, restored exactly
+    assert all(l.keep is None for l in pm.svd_layers().values()) and pm.size_ratio() == mask_ratio
+    assert any(not torch.equal(a, b) for a, b in zip(pm.lora_parameters(), lora_at_stop))  # the adapters trained

@@ -162,6 +162,37 @@ class ACIPModel(nn.Module):
             l.keep = None
 
     @contextlib.contextmanager
+    def at_ratio(self, ratio: float, score_map: "ScoreMap | None" = None) -> Iterator[dict[str, int]]:
+        """Inside the block the model computes exactly its export at ``ratio`` (adapters included).
+
+        :meth:`prune` keeps the best-scored directions, but a direction whose mask is ``<= 0`` stays
+        off (``g(m) = c * 1[m > 0]``), so above the ratio the masks were trained to, ``prune`` alone
+        gives fewer directions than :func:`acip.export` keeps. Here every kept direction also gets
+        ``g = c``: its mask is set to ``c`` for the block, so the layer is
+        ``c * ortho[:, keep] @ base[keep] + s B A``, the exported factors. On exit the masks
+        (bit-exact) and every layer's previous pruning state are restored, so blocks nest. Yields
+        the ranks. Run the backward pass inside the block; the masks must not be optimised there.
+        """
+        layers = list(self.svd_layers().values())
+        keep_before = [l.keep for l in layers]
+        masks_before: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+        try:
+            ranks = self.prune(ratio, score_map)
+            with torch.no_grad():
+                for l in layers:
+                    off = l.keep & (l.mask.detach() <= 0)
+                    if bool(off.any()):
+                        masks_before.append((l, off, l.mask.detach()[off].clone()))
+                        l.mask[off] = l.mask_scaling
+            yield ranks
+        finally:
+            with torch.no_grad():
+                for l, off, values in masks_before:
+                    l.mask[off] = values
+            for l, k in zip(layers, keep_before):
+                l.keep = k
+
+    @contextlib.contextmanager
     def dense_view(self) -> Iterator["ACIPModel"]:
         """Inside the block the model computes the *uncompressed* base model: every layer is
         ``c * ortho @ base = W`` (all directions, masks and adapters ignored, no gradient).

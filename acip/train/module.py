@@ -5,8 +5,12 @@
 where ``task`` is the run's objective (:mod:`acip.train.objectives`: next-token CE by default,
 distillation from the model's own dense view, or both)
 in the ``"acip"`` phase; in the ``"post_tune"`` phase the L1 term is dropped and the masks'
-learning rate is 0 (they stay bit-identical while the LoRA adapters train). Only the masks and
-the LoRA factors are trainable; every other parameter is frozen.
+learning rate is 0 (they stay bit-identical while the LoRA adapters train). With
+``schedule.post_tune_ratios = (lo, hi)`` each post-tune step runs at a sampled ratio ``rho_t``
+(:func:`acip.train.schedule.sampled_ratio`): the model computes its export at ``rho_t``
+(:meth:`acip.ACIPModel.at_ratio` with the run's score map) from before the step's forward until
+after its optimiser step, so the adapters learn to help at every ratio in ``[lo, hi]``. Only the
+masks and the LoRA factors are trainable; every other parameter is frozen.
 
 The module owns the run's :class:`acip.ScoreMap` (``module.score_map``) and its
 :class:`~acip.train.schedule.ACIPSchedule`, and runs the algorithm itself
@@ -57,6 +61,8 @@ class ACIPModule(pl.LightningModule):
         self.score_map: Any = None
         self.rank_digests: list[str] = []
         self.last: dict[str, float] = {}
+        self._at_ratio: Any = None  # the open pm.at_ratio(rho_t) block of a sampled post-tune step
+        self._ratio: float | None = None
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         if pm is not None:
             self.adopt(pm)
@@ -153,7 +159,12 @@ class ACIPModule(pl.LightningModule):
         would see the score map and phase of step t - 1. Lightning counts the step as completed
         only when this hook returns, hence ``global_step + 1``.
         """
-        super().optimizer_step(*args, **kwargs)
+        try:
+            super().optimizer_step(*args, **kwargs)
+        finally:
+            self.close_sampled_ratio()
+        if self._ratio is not None:
+            self.last["post_tune_ratio"] = self._ratio
         if self.after_step(self.trainer.global_step + 1):
             self.trainer.should_stop = True
             self.check_replicas()
@@ -206,6 +217,22 @@ class ACIPModule(pl.LightningModule):
             )
         return self.rank_digests
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Post-tuning with sampled ratios: enter ``pm.at_ratio(rho_t)`` for step ``t = global_step``
+        (closed after the optimiser step, before :meth:`after_step`) and log ``train/post_tune_ratio``."""
+        self._ratio = self.schedule.post_tune_ratio(self.trainer.global_step)
+        if self._ratio is None or self._at_ratio is not None:  # gradient accumulation: the block is open
+            return
+        self._at_ratio = self.pm.at_ratio(self._ratio, self.score_map)
+        self._at_ratio.__enter__()
+        self.log("train/post_tune_ratio", self._ratio, on_step=True, on_epoch=False, batch_size=1)
+
+    def close_sampled_ratio(self) -> None:
+        """Leave the step's ``pm.at_ratio`` block (masks and pruning restored); a no-op when none is open."""
+        block, self._at_ratio = self._at_ratio, None
+        if block is not None:
+            block.__exit__(None, None, None)
+
     # ------------------------------------------------------------------ lifecycle and checkpoints
     def on_train_start(self) -> None:
         step = self.trainer.global_step
@@ -214,6 +241,7 @@ class ACIPModule(pl.LightningModule):
             self.freeze_masks()
 
     def on_train_end(self) -> None:
+        self.close_sampled_ratio()  # a run stopped inside a step leaves the model unpruned
         if not self.rank_digests:  # the run ended some other way than by the schedule
             self.check_replicas()
 

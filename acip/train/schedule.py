@@ -9,6 +9,16 @@ The ``acip`` phase ends after the first step whose size ratio (target layers, ac
 adapters train, no L1 term) for exactly that many steps, else it stops. ``max_steps`` caps the
 ``acip`` phase (the run then stops without having reached the ratio, and says so).
 
+Post-tuning with the ratio sampled per step (``post_tune_ratios=[lo, hi]``, or ``"uniform"`` for
+``[stop_ratio, 1.0]``): before post-tune step ``t`` (0-based global step count) the model is pruned
+to
+
+    rho_t = lo + (hi - lo) * u_t,   u_t ~ U[0, 1) drawn from numpy's generator seeded by (seed, t)
+
+with the run's score map, so the adapters learn to help at every ratio in ``[lo, hi]`` rather than
+at the stop ratio only. ``rho_t`` depends on nothing but ``(seed, t)``: a resumed run sees the same
+ratios (:func:`sampled_ratio`).
+
 :class:`ACIPSchedule` holds the knobs and the state (phase, stop step, post-tune start, score
 updates); it decides, :class:`acip.train.module.ACIPModule` acts. Being a function of the step
 count and of the measured ratio, it resumes exactly from its :meth:`state_dict`.
@@ -22,7 +32,7 @@ from typing import Any
 
 from acip.core.size import check_ratio
 
-__all__ = ["ACIPSchedule", "l1_weight_at"]
+__all__ = ["ACIPSchedule", "l1_weight_at", "sampled_ratio", "check_ratio_bounds"]
 
 PHASES = ("acip", "post_tune")
 
@@ -30,6 +40,42 @@ PHASES = ("acip", "post_tune")
 def l1_weight_at(step: int, l1_init: float, reg_factor: float, reg_every: int) -> float:
     """``lambda_t = l1_init * reg_factor ** floor(step / reg_every)`` for 0-based step ``t``."""
     return float(l1_init) * float(reg_factor) ** (int(step) // int(reg_every))
+
+
+def sampled_ratio(seed: int, step: int, lo: float, hi: float) -> float:
+    """``rho = lo + (hi - lo) * u``, ``u ~ U[0, 1)`` from ``numpy.random.default_rng([seed, step])``.
+
+    A pure function of ``(seed, step)``: the same step of a resumed run (or of another process)
+    draws the same ratio. ``lo == hi`` gives ``lo``.
+    """
+    import numpy as np
+
+    if int(seed) < 0 or int(step) < 0:
+        raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}")
+    u = float(np.random.default_rng([int(seed), int(step)]).random())
+    return float(lo) + (float(hi) - float(lo)) * u
+
+
+def check_ratio_bounds(value: Any, key: str, stop_ratio: float | None = None) -> tuple[float, float]:
+    """``(lo, hi)`` from ``[lo, hi]`` (both in (0, 1], ``lo <= hi``) or ``"uniform"`` (= ``[stop_ratio, 1.0]``).
+
+    A ValueError names ``key``, the value and the fix.
+    """
+    if isinstance(value, str):
+        if value != "uniform":
+            raise ValueError(f"{key} must be [lo, hi] (ratios in (0, 1], lo <= hi) or 'uniform', got {value!r}")
+        if stop_ratio is None:
+            raise ValueError(f"{key}='uniform' means [stop_ratio, 1.0] but there is no stop ratio: give the "
+                             f"bounds, e.g. {key}=[0.5,1.0]")
+        return float(stop_ratio), 1.0
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be [lo, hi] (ratios in (0, 1], lo <= hi) or 'uniform', got {value!r}") from None
+    lo, hi = check_ratio(lo, f"{key}[0]"), check_ratio(hi, f"{key}[1]")
+    if lo > hi:
+        raise ValueError(f"{key}={[lo, hi]}: the lower bound is above the upper one; swap them, e.g. {key}={[hi, lo]}")
+    return lo, hi
 
 
 def _number(value: Any, key: str, integer: bool = False) -> float:
@@ -45,7 +91,11 @@ def _number(value: Any, key: str, integer: bool = False) -> float:
 
 @dataclass
 class ACIPSchedule:
-    """Knobs (first six fields) and state (the rest) of one run's schedule; see the module docstring."""
+    """Knobs (first eight fields) and state (the rest) of one run's schedule; see the module docstring.
+
+    ``post_tune_ratios``: None (post-tune at the reached stop ratio, as trained) or the bounds of
+    the ratio sampled per post-tune step (stored as the tuple ``(lo, hi)``); ``seed`` seeds the draws.
+    """
 
     l1_init: float = 0.0
     reg_factor: float = 1.0
@@ -53,6 +103,8 @@ class ACIPSchedule:
     stop_ratio: float | None = None  # None: the ratio never stops the run (unit tests)
     post_tune_steps: int = 0
     max_steps: int | None = None
+    post_tune_ratios: Any = None  # None, [lo, hi] or "uniform" (= [stop_ratio, 1.0]); see sampled_ratio
+    seed: int = 0
     phase: str = "acip"
     stop_step: int | None = None  # step count after which the stop ratio was reached
     reached_ratio: float | None = None
@@ -80,6 +132,34 @@ class ACIPSchedule:
                 raise ValueError(f"acip.max_steps must be >= 1, got {self.max_steps}")
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        self.seed = _number(self.seed, "seed", integer=True)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.post_tune_ratios is not None:
+            if self.post_tune_steps < 1:
+                raise ValueError(f"acip.post_tune_ratios={self.post_tune_ratios!r} samples the ratio of each "
+                                 f"post-tune step, but acip.post_tune_steps=0: set acip.post_tune_steps > 0 (e.g. "
+                                 f"50) or acip.post_tune_ratios=null")
+            self.post_tune_ratios = check_ratio_bounds(self.post_tune_ratios, "acip.post_tune_ratios",
+                                                       self.stop_ratio)
+
+    @classmethod
+    def from_config(cls, a: Any, seed: int = 0) -> "ACIPSchedule":
+        """The schedule of a config's ``acip:`` section (a mapping; ``post_tune_ratios`` optional)."""
+        get = a.get if hasattr(a, "get") else (lambda k, d=None: getattr(a, k, d))
+        ratios = get("post_tune_ratios", None)
+        if ratios is not None and not isinstance(ratios, str):
+            ratios = list(ratios)  # an omegaconf ListConfig
+        return cls(l1_init=get("l1_init"), reg_factor=get("reg_factor"), reg_every=get("reg_every"),
+                   stop_ratio=get("stop_ratio"), post_tune_steps=get("post_tune_steps"), max_steps=get("max_steps"),
+                   post_tune_ratios=ratios, seed=seed)
+
+    def post_tune_ratio(self, step: int) -> float | None:
+        """The ratio to prune to for the step taken after ``step`` optimiser steps: ``rho_step`` (see
+        :func:`sampled_ratio`) in the ``post_tune`` phase with ``post_tune_ratios`` set, else None."""
+        if self.phase != "post_tune" or self.post_tune_ratios is None:
+            return None
+        return sampled_ratio(self.seed, step, *self.post_tune_ratios)
 
     @property
     def total_steps(self) -> int | None:
