@@ -1,16 +1,20 @@
-"""Quality of a finished ACIP run against the no-training baselines, on two text domains.
+"""Quality of finished ACIP runs against the no-training baselines, on several held-out domains.
 
-    python scripts/bench_quality.py RUN_DIR [--windows 8] [--calib 16] [--ratios 0.9 0.8 0.7 0.6 0.5]
-                                           [--ceiling DIR_OF_bench_ceiling.py]
+    python scripts/bench_quality.py RUN_DIR [RUN_DIR ...] [--labels A B ...] [--windows 40]
+        [--ratios 0.9 0.8 0.7 0.6 0.5] [--rows auto,adapters,noad,sv,aa,ceiling]
+        [--domains kjv pydoc python_source] [--calib 16] [--ceiling DIR_OF_bench_ceiling.py]
+        [--finetuned LABEL=MODEL_DIR ...] [--json OUT.json] [--png OUT.png]
 
-Rows, all on the same windows: fp32; ACIP exports (``acip.export`` from the run's score map, LoRA
-folded); with ``acip_noad`` the same exports without the run's adapters (``adapters=False``);
-the singular-value score map; the activation-aware (SVD-LLM whitened) score map calibrated on KJV
-training windows. Domains: held-out KJV (the run trained on the first 90% of
-verses) and Python's own documentation (``pydoc`` text of standard-library modules), never used
-for training or calibration. With ``--ceiling`` (the output of ``scripts/bench_ceiling.py``) the dense
-model with the run's LoRA tuning budget is one more row: the in-domain ceiling, evaluated with the
-adapters saved at the first step >= the run's step count (or the last one saved, said so).
+Rows, all on the same windows (the first ``--windows`` windows of 256 tokens of each domain): fp32;
+for every run: ``auto`` (``acip.export(run, ratio)`` with its default ``adapters="auto"``: the model
+a user gets), ``adapters`` / ``noad`` (the same exports with the run's adapters forced on / off);
+the singular-value score map; the activation-aware (SVD-LLM whitened) score map calibrated on
+``--calib`` windows of the FIRST run's own training texts (its data group, minus the validation
+split it set aside); ``--finetuned LABEL=DIR``: an ``acip.finetune`` output (evaluated at its
+ratio only). Domains (``acip.eval.domains``): ``kjv`` (KJV's held-out split), ``pydoc`` and
+``python_source`` (standard-library documentation and source), all never trained on, never used to
+choose anything. With ``--ceiling`` (``scripts/bench_ceiling.py``'s output) the dense model with the
+run's LoRA tuning budget is one more row (uncompressed: one figure in every ratio row).
 """
 from __future__ import annotations
 
@@ -75,48 +79,86 @@ def ceiling_model(base: torch.nn.Module, ceiling_dir: Path, run_steps: int) -> t
     return model, f"dense + LoRA ceiling ({step} steps{note})"
 
 
+def run_training_texts(run_dir: str | Path, tok) -> list[str]:
+    """The training texts the run trained on: its data group, minus the validation split it set aside."""
+    from omegaconf import OmegaConf
+
+    from acip.train.data import validation_split
+    from acip.train.run import _build, val_tokens
+
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    train, _ = _build(cfg.data)
+    e = cfg.eval
+    if "val_fraction" in e:  # a run from before the validation split came out of the training texts
+        return list(train)
+    return validation_split(train, tok, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)),
+                            seed=int(cfg.seed))[0]
+
+
 def main() -> None:
+    import json
+
+    from acip.eval.domains import resolve_domains
+    from acip.eval.sweep import plot_domain_curves
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("run_dir")
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("run_dirs", nargs="+")
+    ap.add_argument("--labels", nargs="+", default=None, help="one name per run (default: the directory names)")
+    ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    ap.add_argument("--domains", nargs="+", default=["kjv", "pydoc", "python_source"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ceiling", type=Path, default=None, help="output dir of scripts/bench_ceiling.py")
-    ap.add_argument("--label", default=None, help="column name of the ACIP run (default: run dir name)")
-    ap.add_argument("--rows", default="acip,acip_noad,ceiling,sv,aa",
-                    help="which rows to measure (fp32 always): acip, acip_noad (the run's map exported without its "
-                         "adapters), ceiling, sv, aa; e.g. run the ceiling later on its own with --rows ceiling "
-                         "(same windows: they are deterministic)")
+    ap.add_argument("--finetuned", nargs="*", default=[], help="LABEL=DIR of an acip.finetune output")
+    ap.add_argument("--finetuned-ratio", type=float, default=0.6, help="the ratio the --finetuned models were exported at")
+    ap.add_argument("--rows", default="auto,noad,sv,aa",
+                    help="per run: auto, adapters, noad; once: sv, aa, ceiling (fp32 always)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args()
     rows = set(args.rows.split(","))
-    known = {"acip", "acip_noad", "ceiling", "sv", "aa"}
+    known = {"auto", "adapters", "noad", "ceiling", "sv", "aa"}
     if rows - known:
         raise SystemExit(f"--rows: unknown {sorted(rows - known)}; choose from {', '.join(sorted(known))}")
+    labels = args.labels or [Path(d).name for d in args.run_dirs]
+    if len(labels) != len(args.run_dirs):
+        raise SystemExit(f"--labels: {len(labels)} names for {len(args.run_dirs)} runs")
+    finetuned = [f.split("=", 1) for f in args.finetuned]
+    if any(len(f) != 2 for f in finetuned):
+        raise SystemExit("--finetuned takes LABEL=DIR")
     torch.set_num_threads(args.threads)
     print(machine_header())
-    cfg = acip.ScoreMap.load(args.run_dir).config
+    cfg = acip.ScoreMap.load(args.run_dirs[0]).config
     base, tok = acip.load_base(cfg.source.model)
-    pm = acip.ACIPModel.from_pretrained(args.run_dir, model=copy.deepcopy(base))  # the run, as trained
-    sm = pm.score_map
-    run_steps = int(sm.meta.get("global_step", 0))
-    run_name = f"{args.label or Path(args.run_dir).name}, {run_steps} steps"
-    train, held = acip.data.kjv_split()
-    domains = {"KJV held-out": token_windows(tok, held, 256, args.windows),
-               "Python pydoc": token_windows(tok, pydoc_texts(), 256, args.windows)}
-    calib = token_windows(tok, train, 256, args.calib)
+    texts = resolve_domains(args.domains, acip.data.kjv_split()[1])
+    domains = {d: token_windows(tok, t, 256, args.windows) for d, t in texts.items()}
     results: dict[str, dict[str, dict[float, float]]] = {d: {} for d in domains}
     fp32 = {d: perplexity(base, tok, w, progress=False) for d, w in domains.items()}
+    print("fp32: " + ", ".join(f"{d} {v:.3f}" for d, v in fp32.items()), flush=True)
 
-    variants = [(f"ACIP ({run_name})", True)] if "acip" in rows else []
-    variants += [(f"ACIP ({run_name}, no adapters)", False)] if "acip_noad" in rows else []
-    for name, adapters in variants:  # real exports, the model a user gets
-        for r in args.ratios:
-            small = acip.export(pm, r, adapters=adapters)
-            for d, w in domains.items():
-                results[d].setdefault(name, {})[r] = perplexity(small, tok, w, progress=False)
-            del small
-            print(f"{name} {r}: " + ", ".join(f"{d} {results[d][name][r]:.4g}" for d in domains), flush=True)
+    def measure(name: str, model: torch.nn.Module, r: float) -> None:
+        for d, w in domains.items():
+            results[d].setdefault(name, {})[r] = perplexity(model, tok, w, progress=False)
+        print(f"{name} {r}: " + ", ".join(f"{d} {results[d][name][r]:.4g}" for d in domains), flush=True)
+
+    run_steps = 0
+    for label, run_dir in zip(labels, args.run_dirs):
+        pm = acip.ACIPModel.from_pretrained(run_dir, model=copy.deepcopy(base))  # the run, as trained
+        run_steps = run_steps or int(pm.score_map.meta.get("global_step", 0))
+        variants = [(f"{label} auto", "auto")] if "auto" in rows else []
+        variants += [(f"{label} adapters", True)] if "adapters" in rows else []
+        variants += [(f"{label} no adapters", False)] if "noad" in rows else []
+        for name, adapters in variants:  # real exports, the model a user gets
+            for r in args.ratios:
+                small = acip.export(pm, r, adapters=adapters)
+                measure(name, small, r)
+                del small
+        del pm
+    for label, d in finetuned:
+        model = acip.load(d)
+        measure(label, model, args.finetuned_ratio)
+        del model
     if args.ceiling is not None and "ceiling" in rows:
         ceil, name = ceiling_model(base, args.ceiling, run_steps)
         for d, w in domains.items():  # uncompressed: one figure, shown in every ratio row
@@ -124,7 +166,6 @@ def main() -> None:
             results[d][name] = {r: p for r in args.ratios}
             print(f"{name}: {d} {p:.4g}", flush=True)
         del ceil
-
     if "sv" in rows:
         plain = acip.parametrize(copy.deepcopy(base), svd_dtype=torch.float32)
         sv = acip.ScoreMap.from_singular_values(plain)
@@ -132,13 +173,24 @@ def main() -> None:
             results[d]["singular values"] = ratio_sweep(plain, sv, tok, w, args.ratios)
         del plain
     if "aa" in rows:
+        calib = token_windows(tok, run_training_texts(args.run_dirs[0], tok), 256, args.calib)
         aa = acip.activation_aware(base, calib.split(4))
+        name = f"activation-aware ({labels[0]} training text)"
         for d, w in domains.items():
-            results[d]["activation-aware (KJV calib)"] = ratio_sweep(aa, aa.score_map, tok, w, args.ratios)
+            results[d][name] = ratio_sweep(aa, aa.score_map, tok, w, args.ratios)
 
     for d in domains:
         print(f"\n### {d}: perplexity ({args.windows} windows x 256 tokens), fp32 = {fp32[d]:.2f}\n")
         print(format_table(results[d], reference=fp32[d]))
+        print("\nx fp32: " + "; ".join(f"{m}: " + ", ".join(f"{r:g} {v / fp32[d]:.2f}x" for r, v in sorted(
+            c.items(), reverse=True)) for m, c in results[d].items()))
+    if args.json:
+        args.json.write_text(json.dumps({"fp32": fp32, "windows": args.windows, "runs": dict(zip(labels, args.run_dirs)),
+                                         "ppl": {d: {m: {f"{r:g}": v for r, v in c.items()} for m, c in cols.items()}
+                                                 for d, cols in results.items()}}, indent=2))
+    if args.png:
+        print(plot_domain_curves(results, args.png, references=fp32,
+                                 title=f"perplexity by size ratio, {args.windows} windows x 256 tokens per domain"))
 
 
 if __name__ == "__main__":
