@@ -191,7 +191,10 @@ def _stream_safetensors(path: Path, dtype: torch.dtype) -> nn.Module | None:
         return None
     from transformers import AutoConfig
 
-    model = _empty_model(AutoConfig.from_pretrained(str(path)), dtype)
+    try:  # a config transformers' AutoModelForCausalLM cannot build from_config: leave it to from_pretrained
+        model = _empty_model(AutoConfig.from_pretrained(str(path)), dtype)
+    except (ValueError, KeyError, NotImplementedError):
+        return None
     try:
         names = {name for _, h, _ in headers for name in h}
         targets = _check_covered(model, names)
@@ -248,8 +251,11 @@ def _stream_gguf(path: Path, dtype: torch.dtype) -> nn.Module | None:
     reader = GGUFReader(str(path))
     arch = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
-    model = _empty_model(config, dtype)
-    key_map = get_gguf_hf_weights_map(model, processor)
+    try:  # an architecture this path cannot map: transformers' own loader decides
+        model = _empty_model(config, dtype)
+        key_map = get_gguf_hf_weights_map(model, processor)
+    except (ValueError, KeyError, NotImplementedError):
+        return None
     rowwise = type(processor).__name__ in _ROWWISE_PROCESSORS
     targets = model.state_dict(keep_vars=True)
     written: set[str] = set()
