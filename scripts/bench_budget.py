@@ -226,7 +226,7 @@ def main() -> None:
             m = quantize_(copy.deepcopy(base), NF4Config())
             nf4_bytes = saved_bytes(m, names)
             del m
-        budgets = [("budget export at NF4's bytes", {"size_mb": nf4_bytes / 1e6})]
+        budgets = [("budget export at NF4's bytes", {"size_mb": nf4_bytes / 1e6})] if want("budget_nf4") else []
         budgets += [(f"budget export at {b:g} bits/param", {"bits_per_param": b}) for b in args.bits]
         Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
         fresh = not Path(args.cache).is_file()
@@ -299,7 +299,8 @@ def plot(png: str, files: list[str]) -> None:
             ax.scatter(r["bytes"] / 1e6, r["ppl"][dom], color=c, marker=mk, s=60, zorder=3)
             ax.annotate(r["method"].replace(" (sensitivity, matched bytes)", " sens.").replace("budget export at ", "budget ")
                         .replace("bitsandbytes ", "").replace(" (uniform)", ""),
-                        (r["bytes"] / 1e6, r["ppl"][dom]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                        (r["bytes"] / 1e6, r["ppl"][dom]), fontsize=7, textcoords="offset points",
+                        xytext=(4, -10) if ("budget" in r["method"] or "sensitivity" in r["method"]) else (4, 4))
         ax.axhline(fp["ppl"][dom], color="k", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
