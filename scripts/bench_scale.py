@@ -199,7 +199,7 @@ def worker_whiten(share: str) -> dict:
             "grams": len(groups) if share == "share" else len(f), "model_mb": _nbytes(m) / 1e6}
 
 
-def compare_runs(fp32_dir: str, bf16_dir: str, ratios: tuple[float, ...] = (0.8, 0.5)) -> None:
+def compare_runs(fp32_dir: str, bf16_dir: str, ratios: tuple[float, ...] = (0.8, 0.5), export: bool = True) -> None:
     """Overlap of two runs' score maps (same model, fp32 against bf16): at each ratio the share of
     the kept directions the two keep alike (|A & B| / max(|A|, |B|), ranks without the dense lift),
     Spearman's rho of all scores. Then the bf16 run exported at 0.5 is saved, reloaded with acip.load, and generates."""
@@ -233,6 +233,8 @@ def compare_runs(fp32_dir: str, bf16_dir: str, ratios: tuple[float, ...] = (0.8,
     print("|---|" + "---|" * (len(ratios) + 1))
     for name, x, y in (("fp32 run vs bf16 run", a, b),):
         print(f"| {name} | " + " | ".join(f"{overlap(x, y, r):.3f}" for r in ratios) + f" | {spearman(x, y):.3f} |")
+    if not export:
+        return
     import tempfile as tf_
 
     tok = acip.load_base("smollm2-135m")[1]
@@ -337,9 +339,10 @@ def main() -> None:
     ap.add_argument("--worker", nargs="+")
     ap.add_argument("--compare-runs", nargs=2, metavar=("FP32_RUN", "BF16_RUN"),
                     help="score-map overlap of two finished runs, and the bf16 export's save/reload/generate")
+    ap.add_argument("--no-export", action="store_true", help="with --compare-runs: the overlap only (seconds)")
     a = ap.parse_args()
     if a.compare_runs:
-        compare_runs(*a.compare_runs)
+        compare_runs(*a.compare_runs, export=not a.no_export)
         return
     if a.worker:
         kind, *rest = a.worker
