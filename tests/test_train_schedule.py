@@ -244,3 +244,22 @@ def test_sampled_post_tuning_in_a_trainer_runs_each_step_at_its_ratio_and_trains
     assert at_stop and all(torch.equal(m, at_stop[n]) for n, m in pm.masks().items())  # frozen, restored exactly
     assert all(l.keep is None for l in pm.svd_layers().values()) and pm.size_ratio() == mask_ratio
     assert any(not torch.equal(a, b) for a, b in zip(pm.lora_parameters(), lora_at_stop))  # the adapters trained
+
+
+def test_the_run_config_passes_post_tune_ratios_to_the_schedule():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from acip.train.run import validate
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("compress", overrides=["experiment=tiny", "acip.post_tune_steps=4",
+                                             "acip.post_tune_ratios=[0.6,0.9]", "seed=7"])
+        bad = compose("compress", overrides=["experiment=tiny", "acip.post_tune_ratios=[0.6,0.9]"])
+    schedule = validate(cfg)["schedule"]
+    assert schedule.post_tune_ratios is not None and list(schedule.post_tune_ratios) == [0.6, 0.9]
+    assert schedule.seed == 7  # the sampled ratios follow the run's seed
+    with pytest.raises(ValueError, match="post_tune_steps"):  # set without post-tuning: refused, never ignored
+        validate(bad)

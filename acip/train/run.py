@@ -114,8 +114,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
     a = cfg.acip
     config = acip_config(a)
-    schedule = ACIPSchedule(l1_init=a.l1_init, reg_factor=a.reg_factor, reg_every=a.reg_every, stop_ratio=a.stop_ratio,
-                            post_tune_steps=a.post_tune_steps, max_steps=a.max_steps)  # checks each value
+    schedule = ACIPSchedule.from_config(a, seed=int(cfg.seed))  # checks each value (post_tune_ratios too)
     if schedule.post_tune_steps > 0 and config.lora is None:
         raise ValueError(f"acip.post_tune_steps={schedule.post_tune_steps} trains only the LoRA adapters, but "
                          f"acip.lora is null: set acip.lora (e.g. {{r: 8, lora_alpha: 16}}) or acip.post_tune_steps=0")
