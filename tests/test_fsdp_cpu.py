@@ -42,6 +42,10 @@ def test_fsdp_config_builds_the_acip_strategy():
     cfg.eval.enabled = True
     with __import__("pytest").raises(ValueError, match="eval.enabled=false"):
         validate(cfg)
+    cfg.eval.enabled = False
+    cfg.acip.lora = {"r": 4, "lora_alpha": 8}  # adapters would be saved as rank 0's flat shard: refused up front
+    with __import__("pytest").raises(ValueError, match="acip.lora=null"):
+        validate(cfg)
 
 
 def test_fsdp_two_cpu_processes_train_the_tiny_model_to_the_ddp_score_map(tmp_path):
