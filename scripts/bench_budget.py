@@ -290,17 +290,24 @@ def plot(png: str, files: list[str]) -> None:
     for f in files:
         rows += [r for r in json.loads(Path(f).read_text())["rows"] if "error" not in r]
     fp = next(r for r in rows if r["method"] == "fp32")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6))
     style = {"fp32": ("k", "*"), "bitsandbytes": ("tab:blue", "s"), "HQQ": ("tab:orange", "^"),
              "(uniform)": ("tab:green", "o"), "(sensitivity": ("tab:red", "D"), "budget": ("tab:purple", "P")}
+
+    def short(m: str) -> str:
+        return (m.replace(" (sensitivity, matched bytes)", " sensitivity").replace("budget export at ", "budget at ")
+                .replace("bitsandbytes ", "").replace(" (uniform)", " uniform"))
+
+    handles = []
     for ax, dom, title in zip(axes, DOMAINS, ("KJV held-out", "pydoc")):
-        for r in rows:
+        for i, r in enumerate(rows, 1):  # a number at each point, the names in one legend: dense clusters stay legible
             c, mk = next((v for k, v in style.items() if k in r["method"]), ("gray", "x"))
-            ax.scatter(r["bytes"] / 1e6, r["ppl"][dom], color=c, marker=mk, s=60, zorder=3)
-            ax.annotate(r["method"].replace(" (sensitivity, matched bytes)", " sens.").replace("budget export at ", "budget ")
-                        .replace("bitsandbytes ", "").replace(" (uniform)", ""),
-                        (r["bytes"] / 1e6, r["ppl"][dom]), fontsize=7, textcoords="offset points",
-                        xytext=(4, -10) if ("budget" in r["method"] or "sensitivity" in r["method"]) else (4, 4))
+            h = ax.scatter(r["bytes"] / 1e6, r["ppl"][dom], color=c, marker=mk, s=60, zorder=3,
+                           label=f"{i}: {short(r['method'])}")
+            if ax is axes[0]:
+                handles.append(h)
+            ax.annotate(str(i), (r["bytes"] / 1e6, r["ppl"][dom]), fontsize=7, textcoords="offset points",
+                        xytext=(4, 3 if i % 2 else -9))
         ax.axhline(fp["ppl"][dom], color="k", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -308,7 +315,8 @@ def plot(png: str, files: list[str]) -> None:
         ax.set_ylabel("perplexity (log)")
         ax.set_title(f"SmolLM2-135M, {title} (40 x 256 tokens)")
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
