@@ -39,12 +39,9 @@ SRC_MODULES = ["textwrap", "csv", "fractions", "shlex", "heapq", "bisect"]
 
 def _val(train: list[str], tok, cfg) -> list[str]:
     """What a run with config ``cfg`` sets aside from ``train`` as its validation split."""
-    from acip.train.data import validation_split
-    from acip.train.run import val_tokens
+    from acip.train.run import run_validation_split
 
-    e = cfg.eval
-    return validation_split(list(train), tok, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)),
-                            seed=int(cfg.seed))[1]
+    return run_validation_split(cfg, list(train), tok)[1]
 
 
 def sg_train(runs: list[Path], seed: int = 0) -> tuple[list[str], object]:

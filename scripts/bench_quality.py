@@ -83,16 +83,13 @@ def run_training_texts(run_dir: str | Path, tok) -> list[str]:
     """The training texts the run trained on: its data group, minus the validation split it set aside."""
     from omegaconf import OmegaConf
 
-    from acip.train.data import validation_split
-    from acip.train.run import _build, val_tokens
+    from acip.train.run import _build, run_validation_split
 
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     train, _ = _build(cfg.data)
-    e = cfg.eval
-    if "val_fraction" in e:  # a run from before the validation split came out of the training texts
+    if "val_fraction" in cfg.eval:  # a run from before the validation split came out of the training texts
         return list(train)
-    return validation_split(train, tok, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)),
-                            seed=int(cfg.seed))[0]
+    return run_validation_split(cfg, train, tok)[0]
 
 
 def main() -> None:

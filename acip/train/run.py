@@ -200,13 +200,11 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     model, tok = _build(cfg.model)
     if tok is None:
         raise ValueError(f"the model at {cfg.model.get('path')!r} came without a tokenizer; save one next to it")
-    from .data import calibration_texts, validation_split  # a streamed dataset: its first texts, enough for calibration
+    from .data import calibration_texts  # a streamed dataset: its first texts, enough for calibration
 
     # The validation split comes out of the TRAINING data (never trained on): it chooses the adapters
     # per ratio and is the sweep's metric; the data group's held-out split is only measured.
-    e = cfg.eval
-    train_texts, val_texts = validation_split(
-        train_texts, tok, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)), seed=int(cfg.seed))
+    train_texts, val_texts = run_validation_split(cfg, train_texts, tok)
 
     calib_texts = calibration_texts(train_texts, tok, max(
         int(a.get("whiten_windows", 0) or 0) * int(a.get("whiten_seq_len", 0) or 0),
@@ -225,6 +223,17 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
                         objective=_build(cfg.objective) if cfg.get("objective") is not None else None)
     return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": calib_texts,
             "heldout_texts": heldout_texts, "val_texts": val_texts}
+
+
+def run_validation_split(cfg: Any, train_texts: Any, tokenizer: Any) -> tuple[Any, list[str]]:
+    """``(train_rest, val_texts)``: what a run with config ``cfg`` sets aside from its training texts
+    (:func:`acip.train.data.validation_split` with ``cfg.eval``'s settings and ``cfg.seed``); the one
+    place the run and the benchmarks that re-create its split get it from."""
+    from .data import validation_split
+
+    e = cfg.eval
+    return validation_split(train_texts, tokenizer, val_tokens(e), max_fraction=float(e.get("val_max_fraction", 0.1)),
+                            seed=int(cfg.seed))
 
 
 def val_tokens(e: Any) -> int:
