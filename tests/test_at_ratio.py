@@ -48,3 +48,19 @@ def test_at_ratio_nests_and_trains_adapters_inside_the_block():
     assert all(torch.equal(l.keep, outer[n]) for n, l in pm.svd_layers().items())  # the outer pruning is back
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in pm.lora_parameters()[1::2])
     pm.unprune()
+
+
+def test_ratio_sweep_measures_the_export_above_the_masks_ratio():
+    """acip.eval.ratio_sweep's figure at a ratio is the exported model's perplexity there, also at
+    ratios above the one the masks were trained to (where ``prune`` alone keeps fewer directions)."""
+    from acip.eval import perplexity, ratio_sweep
+
+    pm, ids = _trained_looking()
+    windows = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(2))
+    ratios = (0.95, 0.8, 0.4)
+    assert pm.size_ratio() < 0.8  # 0.95 and 0.8 lie above the masks' own ratio
+    got = ratio_sweep(pm, pm.score_map, None, windows, ratios)
+    for r in ratios:
+        ref = perplexity(acip.export(pm, r), None, windows)
+        assert abs(got[r] - ref) <= 1e-4 * ref, (r, got[r], ref)
+    assert all(l.keep is None for l in pm.svd_layers().values())

@@ -22,20 +22,19 @@ def ratio_sweep(
     ratios: Sequence[float],
     batch_size: int = 8,
 ) -> dict[float, float]:
-    """Held-out perplexity at each ratio, pruning ``pmodel`` reversibly (masks untouched).
+    """Held-out perplexity at each ratio, computed by the model that ``acip.export`` builds there.
 
-    ``pmodel.prune(ratio, score_map)`` keeps exactly the directions that ``acip.export`` would
-    keep, so the figures equal those of exported models (without LoRA folding round-off).
+    Each ratio runs inside ``pmodel.at_ratio(ratio, score_map)``: the best-scored directions are
+    kept and every kept direction gets its full gate ``c`` (a trained mask may be ``<= 0`` above
+    the ratio it was trained to, which ``prune`` alone would leave off), so the figures equal those
+    of exported models (without LoRA folding round-off). Masks and pruning state are restored.
     """
     from tqdm.auto import tqdm
 
     out: dict[float, float] = {}
-    try:
-        for r in tqdm(list(ratios), desc=f"ratio sweep ({score_map.method})"):
-            pmodel.prune(r, score_map)
+    for r in tqdm(list(ratios), desc=f"ratio sweep ({score_map.method})"):
+        with pmodel.at_ratio(r, score_map):
             out[float(r)] = perplexity(pmodel, tokenizer, windows, batch_size=batch_size, progress=False)
-    finally:
-        pmodel.unprune()
     return out
 
 
