@@ -1,4 +1,4 @@
-"""Write a training corpus of Python standard-library documentation (``pydoc`` plain text).
+"""Write a training corpus of Python standard-library documentation (``pydoc`` plain text) or source.
 
 The modules are disjoint from the ones ``scripts/bench_quality.py`` evaluates on (its
 ``PYDOC_MODULES``), so a run trained on this file is tuned on the same *kind* of text as the
@@ -8,6 +8,9 @@ out-of-domain loss is the training domain (docs/BENCHMARKS.md, training quality 
     python scripts/pydoc_corpus.py outputs/pydoc_train.txt
     python -m acip.compress data=text_files data.paths='[outputs/pydoc_train.txt]'
 
+``--kind source`` writes the same modules' Python source instead (the kind of the benchmark's
+``python_source`` domain, again never its modules); modules without a ``.py`` file are skipped.
+
 Output: a ``.txt`` in ``data=text_files`` format (blocks of up to 20 non-empty lines separated by
 blank lines), written to a temporary file and renamed.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import pydoc
 import sys
@@ -39,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--block-lines", type=int, default=20)
+    ap.add_argument("--kind", choices=("doc", "source"), default="doc", help="pydoc plain text or Python source")
     args = ap.parse_args()
     overlap = sorted(set(TRAIN_MODULES) & set(PYDOC_MODULES))
     if overlap:
@@ -47,7 +52,13 @@ def main() -> None:
         raise SystemExit(f"--block-lines={args.block_lines}: must be >= 1")
     blocks: list[str] = []
     for name in TRAIN_MODULES:
-        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+        mod = importlib.import_module(name)
+        if args.kind == "source":
+            if not str(getattr(mod, "__file__", "") or "").endswith(".py"):
+                continue
+            text = inspect.getsource(mod)
+        else:
+            text = pydoc.render_doc(mod, renderer=pydoc.plaintext)
         lines = [line for line in text.splitlines() if line.strip()]
         blocks += ["\n".join(lines[i:i + args.block_lines]) for i in range(0, len(lines), args.block_lines)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
