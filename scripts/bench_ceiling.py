@@ -9,7 +9,7 @@ LoRA on every decoder linear), the same optimiser (AdamW), learning rate, batche
 ``PackedTextDataModule`` with the same seed, seq_len and batch size) and number of steps, and saves
 the adapters every ``--save-every`` steps, so ``bench_quality.py --ceiling`` evaluates it after
 exactly the run's step count on the same windows. Nothing is compressed: the ceiling is what the
-tuning budget alone buys. Defaults are ``conf/acip/cpu_long.yaml``'s.
+tuning budget alone buys. ``--run RUN_DIR`` tunes on that run's own training texts (any data group). Defaults are ``conf/acip/cpu_long.yaml``'s.
 """
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run", type=Path, default=None,
+                    help="tune on the training texts of this ACIP run (its data group minus its validation split); "
+                         "default: KJV's training verses")
     args = ap.parse_args()
     if args.steps < 1 or args.save_every < 1:
         raise SystemExit(f"--steps and --save-every must be >= 1, got {args.steps} and {args.save_every}")
@@ -60,7 +63,12 @@ def main() -> None:
     base, tok = acip.load_base("smollm2-135m")
     model = lora_model(base, args.r, args.alpha)
     model.train()
-    train, _ = kjv_texts()
+    if args.run is not None:
+        from bench_quality import run_training_texts  # scripts/bench_quality.py
+
+        train = run_training_texts(args.run, tok)
+    else:
+        train, _ = kjv_texts()
     dm = PackedTextDataModule(tok, train, args.seq_len, args.batch, args.steps, seed=args.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     args.out.mkdir(parents=True, exist_ok=True)

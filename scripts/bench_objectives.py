@@ -3,18 +3,27 @@
     python scripts/bench_objectives.py RUN_DIR [RUN_DIR ...] [--labels A B ...] [--windows 8]
                                        [--ratios 0.9 0.8 0.6] [--no-adapters]
 
-Validation domains (the ones a choice of settings may look at): the validation split that a run
-sets aside from its *training* texts (:func:`acip.train.data.validation_split`, with the run's
-``eval`` settings and seed) of each training-data candidate: the self-generated data
-(``conf/data/self_generated.yaml`` on the run's model, read from the acip cache) and KJV's training
-verses. Held-out domains (measured only, never trained on or used to choose): KJV's held-out split,
-Python ``pydoc`` text and Python standard-library source code. A run that predates the validation
-split (commit 451cc87) trained on its candidate's validation texts, which flatters it there. Every run is evaluated
-on the same windows with ``pm.prune`` (what ``acip.export`` keeps; the trained masks are set to
-their scaling meanwhile, so the score map alone decides which directions are active), with its adapters and, with
-``--no-adapters``, without them (LoRA B zeroed, so every layer is lifted as ``adapters=False``).
-The validation aggregate is the geometric mean of ppl / fp32 over both validation domains and
-all ratios; lower is better.
+Validation domains (the ones a choice of settings may look at) come from the *training* data of the
+candidates and are never trained on by any compared run:
+
+* ``sg_val``: a fresh draw of the self-generated data (``conf/data/self_generated.yaml``'s sampler on
+  the run's model with the same settings and another seed, ``--sg-val-seed``): the training data's
+  distribution, sampled for validation. (A run's own validation split of the self-generated data is
+  not usable across runs: a ``data=mix`` run carves its split from the mixture, so it trains on most
+  of what a ``data=self_generated`` run sets aside.)
+* ``kjv_val``: the validation split that a run with the default ``eval`` settings sets aside from
+  KJV's training verses (:func:`acip.train.data.validation_split`).
+
+Every text that one of the compared runs trained on (its data group's training texts minus its
+own validation split, re-created from its ``config.yaml``) is removed from the validation domains
+before the windows are cut; the script prints how many. Held-out domains (measured only, never
+trained on or used to choose): KJV's held-out split, Python ``pydoc`` text and Python
+standard-library source code. Every run is evaluated on the same windows with ``pm.prune`` (what
+``acip.export`` keeps; the trained masks are set to their scaling meanwhile, so the score map alone
+decides which directions are active), with its adapters and, with ``--no-adapters``, without them
+(LoRA B zeroed, so every layer is lifted as ``adapters=False``) and as the default export
+(``auto``: per ratio, the run's recorded ``adapters="auto"`` decision). The validation aggregate is
+the geometric mean of ppl / fp32 over both validation domains and all ratios; lower is better.
 """
 from __future__ import annotations
 
@@ -44,10 +53,10 @@ def _val(train: list[str], tok, cfg) -> list[str]:
     return run_validation_split(cfg, list(train), tok)[1]
 
 
-def sg_train(runs: list[Path], seed: int = 0) -> tuple[list[str], object]:
-    """The self-generated training texts and the config whose eval settings carve their validation
-    split: from the first run trained on them (its saved data node, a cache hit), else
-    ``conf/data/self_generated.yaml`` on SmolLM2 with ``conf/compress.yaml``'s eval section."""
+def _sg_node(runs: list[Path], seed: int = 0):
+    """The self-generated data node and the config around it: from the first run trained on it (alone
+    or as a ``data=mix`` component), else ``conf/data/self_generated.yaml`` on SmolLM2 with
+    ``conf/compress.yaml``'s eval section."""
     for run in runs:
         cfg = OmegaConf.load(run / "config.yaml")
         node = cfg.data
@@ -55,24 +64,43 @@ def sg_train(runs: list[Path], seed: int = 0) -> tuple[list[str], object]:
             node = next((c.data for c in node.components.values()
                          if str(c.data.get("_target_", "")).endswith("self_generated")), None)
         if node is not None and str(node.get("_target_", "")).endswith("self_generated"):
-            return list(instantiate(node, _recursive_=False)[0]), cfg
-    node = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
-                             "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml"),
-                             "eval": OmegaConf.load(ROOT / "conf/compress.yaml").eval})
-    return list(instantiate(node.data)[0]), node
+            return node, cfg
+    cfg = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
+                            "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml"),
+                            "eval": OmegaConf.load(ROOT / "conf/compress.yaml").eval})
+    return cfg.data, cfg
 
 
-def domains(runs: list[Path], tok) -> dict[str, list[str]]:
+def sg_validation_draw(runs: list[Path], seed: int, sequences: int = 64) -> list[str]:
+    """``sequences`` fresh samples of the self-generated sampler with another ``seed`` (cached like any
+    other draw): the same settings and model as the runs' self-generated data, never trained on."""
+    node, cfg = _sg_node(runs)
+    if int(seed) == int(OmegaConf.select(cfg, "seed", default=0)) or int(seed) == int(node.get("seed", 0)):
+        raise SystemExit(f"--sg-val-seed={seed} is the training data's own seed: choose another")
+    draw = OmegaConf.merge(cfg, {"data": OmegaConf.to_container(node, resolve=True)})
+    draw.data.update({"seed": int(seed), "num_sequences": int(sequences), "heldout_fraction": 0.5, "teacher_topk": 0})
+    train, held = instantiate(draw.data, _recursive_=False)
+    return list(train) + list(held)
+
+
+def domains(runs: list[Path], tok, sg_seed: int) -> dict[str, list[str]]:
     sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_quality import pydoc_texts
+    from bench_quality import pydoc_texts, run_training_texts
 
     import importlib
 
+    from acip.train.run import run_validation_split
+
     src = [inspect.getsource(importlib.import_module(m)) for m in SRC_MODULES]
-    sg, cfg = sg_train(runs)
+    _, cfg = _sg_node(runs)
     train, held = acip.data.kjv_split()
-    return {"sg_val": _val(sg, tok, cfg), "kjv_val": _val(train, tok, cfg), "kjv_heldout": list(held),
-            "pydoc": pydoc_texts(), "pysrc": src}
+    val = {"sg_val": sg_validation_draw(runs, sg_seed), "kjv_val": run_validation_split(cfg, list(train), tok)[1]}
+    seen: set[str] = set().union(*(set(run_training_texts(r, tok)) for r in runs))
+    for d, texts in val.items():
+        kept = [t for t in texts if t not in seen]
+        print(f"{d}: {len(texts)} texts, {len(texts) - len(kept)} removed (trained on by a compared run)", flush=True)
+        val[d] = kept
+    return {**val, "kjv_heldout": list(held), "pydoc": pydoc_texts(), "pysrc": src}
 
 
 VALIDATION = ("sg_val", "kjv_val")
@@ -113,7 +141,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.6])
     ap.add_argument("--no-adapters", action="store_true")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--sg-from", type=Path, help="read the self-generated validation split from this run's config")
+    ap.add_argument("--sg-from", type=Path, help="take the self-generated sampler's settings from this run's config")
+    ap.add_argument("--sg-val-seed", type=int, default=1000, help="seed of the fresh self-generated validation draw")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine_header(("transformers", "acip")))
@@ -124,7 +153,7 @@ def main() -> None:
 
     acip.load_base("smollm2-135m")  # fills the cache (tokenizer included) on a fresh machine
     tok = AutoTokenizer.from_pretrained(str(cache_dir() / "smollm2-135m"))
-    texts = domains(([args.sg_from] if args.sg_from else []) + list(args.runs), tok)
+    texts = domains(([args.sg_from] if args.sg_from else []) + list(args.runs), tok, args.sg_val_seed)
     wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
     res: dict = {}
     fp32: dict[str, float] = {}
@@ -135,9 +164,16 @@ def main() -> None:
                 fp32 = {d: perplexity(pm, tok, w, batch_size=4, progress=False) for d, w in wins.items()}
             print("fp32:", fp32, flush=True)
         print(label, flush=True)
+        both = {}
         for ad in ([True, False] if args.no_adapters else [True]):
             key = label if ad else f"{label} (no adapters)"
-            res[key] = sweep(pm, tok, wins, args.ratios, ad)
+            res[key] = both[ad] = sweep(pm, tok, wins, args.ratios, ad)
+        if args.no_adapters and pm.has_trained_adapters():
+            from acip.export.auto import decide_adapters
+
+            pick = {r: decide_adapters(pm, pm.score_map, r) for r in args.ratios}
+            res[f"{label} (auto: adapters at {', '.join(f'{r:g}' for r in args.ratios if pick[r]) or 'none'})"] = {
+                d: {r: both[pick[r]][d][r] for r in args.ratios} for d in wins}
         del pm
     print(f"\n### {args.windows} windows x {args.seq_len} tokens per domain; ppl (x fp32)\n")
     doms = list(texts)
