@@ -125,14 +125,6 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"trainer.precision={precision} trains the model's own weights in {want}, but model.dtype="
                          f"{dtype}: load it in that dtype (model.dtype={want}), or use trainer.precision="
                          f"{precision[:-5]}-mixed to keep the {dtype} weights and compute in {want}")
-    if "fsdp" in str(cfg.trainer.get("strategy", "")) and config.lora is not None:
-        raise ValueError("trainer=fsdp with acip.lora set: the run directory would hold each rank's flat FSDP shard "
-                         "of the LoRA factors, which acip.load refuses (gathering them is not built yet). Use "
-                         "acip.lora=null with trainer=fsdp, or trainer=ddp for a run with adapters")
-    if "fsdp" in str(cfg.trainer.get("strategy", "")) and cfg.eval.enabled:
-        raise ValueError("trainer=fsdp needs eval.enabled=false: the final evaluation exports the sharded model "
-                         "(not supported yet). Evaluate the finished run in one process: acip.export(<run_dir>, "
-                         "ratio=...) or acip-export <run_dir> --ratio ...")
     _float(a, "lr", "acip", positive=True)
     _float(a, "lora_lr", "acip", positive=False)
     _float(a, "weight_decay", "acip", positive=False)

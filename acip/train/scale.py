@@ -7,18 +7,26 @@
   needs one dtype, and the score map needs every mask on every rank after each step, as with DDP);
   :class:`MaskGradSync` averages their gradients over the ranks before each optimiser step.
 
+- :func:`rank_zero_with_full_params` runs work that reads the whole model (saving the run directory,
+  the final evaluation) on rank 0 with every parameter gathered: outside forward/backward each rank
+  holds only its flat shard (``use_orig_params=True`` leaves the original parameters as 1-D views of it).
+
 FSDP shards *parameters* only: the SVD factors ``ortho``/``base`` are buffers of :class:`SVDLinear`,
 so they stay whole on every rank (each rank factorises its own copy in ``configure_model``).
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-__all__ = ["DecoderBlockPolicy", "MaskGradSync", "fsdp_strategy", "shard_setup"]
+__all__ = ["DecoderBlockPolicy", "MaskGradSync", "fsdp_strategy", "is_fsdp", "rank_zero_with_full_params",
+           "shard_setup"]
+
+T = TypeVar("T")
 
 
 class DecoderBlockPolicy:
@@ -106,3 +114,109 @@ def shard_setup(module: Any) -> None:
     trainer.strategy.kwargs["ignored_states"] = masks
     if not any(isinstance(cb, MaskGradSync) for cb in trainer.callbacks):
         trainer.callbacks.append(MaskGradSync())
+
+
+def is_fsdp(trainer: Any) -> bool:
+    """True when ``trainer`` runs Lightning's FSDP strategy (``trainer=fsdp``); False for every other
+    strategy and for objects without one (a test's fake trainer)."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None:
+        return False
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+@contextlib.contextmanager
+def _without_fsdp_wrappers(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every FSDP unit under ``module`` is replaced by the module it wraps (restored on exit).
+
+    With the full parameters summoned, the wrapped modules hold whole tensors, but an FSDP unit's own
+    ``forward`` / ``state_dict`` would try to unshard (or gather) again, which torch refuses inside
+    ``summon_full_params`` and which would be collective calls made by rank 0 alone. Without the
+    wrappers the model is a plain module: ``state_dict()`` has the model's own names and a forward pass
+    is an ordinary one.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        found = True
+        while found:  # outermost first: a unit's inner units appear once it is swapped out
+            found = False
+            for parent in module.modules():
+                for name, child in list(parent._modules.items()):
+                    if isinstance(child, FSDP):
+                        parent._modules[name] = child.module
+                        swapped.append((parent, name, child))
+                        found = True
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
+
+
+def rank_zero_with_full_params(trainer: Any, pl_module: Any, work: Callable[[], T],
+                               barrier: str | None = None) -> T | None:
+    """``work()`` on global rank 0 with the model's full parameters; its result there, None on the other ranks.
+
+    Under FSDP this is collective, every rank must call it: all ranks enter
+    ``FullyShardedDataParallel.summon_full_params(<the wrapped root>, writeback=False, rank0_only=True)``
+    (the all-gather; the other ranks free their copy at once), rank 0 runs ``work()`` with the FSDP
+    wrappers inside ``pl_module.pm`` taken out (:func:`_without_fsdp_wrappers`: the model is a plain
+    module with whole tensors; its trainable parameters are copies, :func:`_trainable_as_copies`), and
+    every rank then meets at a barrier. ``work`` must not change
+    parameters (``writeback=False`` drops any change) nor make collective calls.
+
+    For every other strategy nothing is gathered: rank 0 runs ``work()`` and the others return None at
+    once, meeting rank 0 afterwards at ``barrier`` (a name) when one is given and there is more than one
+    process.
+    """
+    if not callable(work):
+        raise TypeError(f"work must be a callable taking no arguments, got {type(work).__name__}")
+    if barrier is not None and not isinstance(barrier, str):
+        raise TypeError(f"barrier must be a barrier name (str) or None, got {type(barrier).__name__}")
+    rank_zero = bool(getattr(trainer, "is_global_zero", True))
+    if not is_fsdp(trainer):
+        out = work() if rank_zero else None
+        if barrier is not None and int(getattr(trainer, "world_size", 1)) > 1:
+            trainer.strategy.barrier(barrier)
+        return out
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = trainer.strategy.model
+    if not isinstance(root, FSDP):
+        raise RuntimeError(f"trainer=fsdp: the strategy's model is a {type(root).__name__}, not the FSDP-wrapped "
+                           f"module (called before the strategy set the model up?)")
+    pm = getattr(pl_module, "pm", None)
+    if not isinstance(pm, nn.Module):
+        raise TypeError(f"pl_module must hold the parametrized model as .pm, got {type(pm).__name__}")
+    out = None
+    with FSDP.summon_full_params(root, writeback=False, rank0_only=True):
+        if rank_zero:
+            with _without_fsdp_wrappers(pm), _trainable_as_copies(pm):
+                out = work()
+    trainer.strategy.barrier(barrier or "acip_full_params")
+    return out
+
+
+@contextlib.contextmanager
+def _trainable_as_copies(module: nn.Module) -> Iterator[None]:
+    """Inside the block, each trainable parameter of ``module`` holds a copy of its gathered values (restored on exit).
+
+    Summoned parameters are views into FSDP's unsharded flat parameter, which FSDP frees on exit by
+    resizing its storage to 0. Saving exposes a tensor's bytes to numpy (safetensors, the sha256
+    digests of :mod:`acip.core.io`), and ``Tensor.numpy()`` makes the storage it shares non-resizable:
+    FSDP's exit then fails with "Trying to resize storage that is not resizable". The trainable
+    parameters (the LoRA factors; the masks are outside the shards) are what the run directory saves,
+    and they are small, so only they are copied; the frozen weights stay views (an export clones what
+    it keeps).
+    """
+    held = [(p, p.data) for p in module.parameters() if p.requires_grad]
+    try:
+        for p, data in held:
+            p.data = data.clone()
+        yield
+    finally:
+        for p, data in held:
+            p.data = data

@@ -151,10 +151,14 @@ class FinalEvaluation(pl.Callback):
         self.t_start = time.time()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """:meth:`run` on rank 0, the other ranks waiting at a barrier; under FSDP with the full parameters
+        gathered first (every rank takes part: :func:`acip.train.scale.rank_zero_with_full_params`)."""
+        from ..scale import rank_zero_with_full_params
+
+        out = rank_zero_with_full_params(trainer, pl_module, lambda: self.run(trainer, pl_module),
+                                         barrier="acip_final_eval")
         if trainer.is_global_zero:
-            self.results = self.run(trainer, pl_module)
-        if trainer.world_size > 1:
-            trainer.strategy.barrier("acip_final_eval")
+            self.results = out
 
     def windows(self) -> dict[str, torch.Tensor]:
         """``{"val": ..., domain: ...}``: the first ``max_windows`` windows of each text."""
