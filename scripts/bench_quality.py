@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import pydoc
 from pathlib import Path
 
 import torch
@@ -30,17 +28,8 @@ import acip
 from acip.eval import format_table, perplexity, ratio_sweep, token_windows
 from machine import machine_header  # scripts/machine.py
 
-PYDOC_MODULES = ["json", "re", "collections", "itertools", "functools", "pathlib", "argparse",
-                 "logging", "subprocess", "dataclasses", "typing", "string", "textwrap", "csv"]
-
-
-def pydoc_texts() -> list[str]:
-    """Plain-text documentation of a fixed list of standard-library modules (deterministic)."""
-    out = []
-    for name in PYDOC_MODULES:
-        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
-        out += [line for line in text.splitlines() if line.strip()]
-    return out
+from acip.eval.domains import EVAL_MODULES as PYDOC_MODULES  # noqa: E402  (one list: the benchmark's modules)
+from acip.eval.domains import pydoc_texts  # noqa: E402,F401  (rendered in a fresh interpreter; bench_objectives imports it)
 
 
 def ceiling_adapters(ceiling_dir: Path, run_steps: int) -> tuple[Path, int]:

@@ -20,12 +20,13 @@ import argparse
 import importlib
 import inspect
 import os
-import pydoc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import PYDOC_MODULES  # noqa: E402
+
+from acip.eval.domains import pydoc_texts  # noqa: E402
 
 TRAIN_MODULES = [
     "os", "shutil", "glob", "fnmatch", "tempfile", "heapq", "bisect", "array", "enum", "datetime",
@@ -58,7 +59,7 @@ def main() -> None:
                 continue
             text = inspect.getsource(mod)
         else:
-            text = pydoc.render_doc(mod, renderer=pydoc.plaintext)
+            text = "\n".join(pydoc_texts((name,)))  # rendered in a fresh interpreter, as the domain is
         lines = [line for line in text.splitlines() if line.strip()]
         blocks += ["\n".join(lines[i:i + args.block_lines]) for i in range(0, len(lines), args.block_lines)]
     args.out.parent.mkdir(parents=True, exist_ok=True)

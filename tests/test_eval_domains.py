@@ -183,3 +183,23 @@ def test_kept_rank_heatmap_groups_blocks_and_module_types(tmp_path):
     ranks = {0.8: {n: 12 for n in names}, 0.5: {n: 4 for n in names}}
     png = plot_kept_ranks(ranks, full, tmp_path / "k.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pydoc_text_does_not_depend_on_what_the_process_imported(monkeypatch):
+    """pydoc documents a class with the attributes it has now; libraries patch standard classes at
+    import (transformers adds methods to logging.Logger), so the domain renders in a fresh interpreter."""
+    import logging
+
+    from acip.eval import domains
+
+    domains._pydoc.cache_clear()
+    before = domains.pydoc_texts(("logging",))
+    monkeypatch.setattr(logging.Logger, "acip_patched_method", lambda self: None, raising=False)
+    import pydoc
+
+    assert "acip_patched_method" in pydoc.render_doc(logging, renderer=pydoc.plaintext)  # in-process: it leaks
+    domains._pydoc.cache_clear()
+    after = domains.pydoc_texts(("logging",))
+    assert after == before and not any("acip_patched_method" in line for line in after)
+    assert any("class Logger" in line for line in after)
+    domains._pydoc.cache_clear()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pydoc
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -35,13 +34,35 @@ DEFAULT_DOMAINS = ("heldout", "pydoc", "python_source")
 BUILTIN_DOMAINS = ("heldout", "kjv", "pydoc", "python_source")
 
 
+_RENDER_PYDOC = """
+import importlib, json, pydoc, re, sys
+out = []
+for name in sys.argv[1:]:
+    text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+    text = re.sub(r"0x[0-9a-fA-F]{6,}", "0x0", text)  # object addresses ("<WeakSet at 0x7f..>") vary per process
+    out += [line for line in text.splitlines() if line.strip()]
+sys.stdout.write(json.dumps(out))
+"""
+
+
 @lru_cache(maxsize=None)
 def _pydoc(modules: tuple[str, ...]) -> tuple[str, ...]:
-    out: list[str] = []
-    for name in modules:
-        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
-        out += [line for line in text.splitlines() if line.strip()]
-    return tuple(out)
+    """The rendering happens in a fresh, isolated interpreter (``python -I``): pydoc documents a
+    class with every attribute it has *now*, and libraries patch standard classes at import
+    (transformers adds ``warning_once`` and four more methods to ``logging.Logger``), so rendered
+    in this process the text would depend on what had been imported before. Object addresses in
+    the text (module-level objects shown by their repr) are written as ``0x0``: they differ in
+    every process."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-I", "-c", _RENDER_PYDOC, *modules], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rendering the pydoc text of {list(modules)} failed in a fresh interpreter "
+                           f"({sys.executable} -I): {proc.stderr.strip()[-500:]}")
+    return tuple(json.loads(proc.stdout))
 
 
 @lru_cache(maxsize=None)
@@ -70,7 +91,8 @@ def _read_file(path: Any) -> list[str]:
 
 
 def pydoc_texts(modules: Sequence[str] = EVAL_MODULES) -> list[str]:
-    """Non-empty lines of the ``pydoc`` plain-text documentation of ``modules`` (deterministic per Python)."""
+    """Non-empty lines of the ``pydoc`` plain-text documentation of ``modules``, rendered in a fresh
+    interpreter: the same text for one Python whatever this process has imported."""
     return list(_pydoc(tuple(modules)))
 
 
