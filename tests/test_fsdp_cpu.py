@@ -117,6 +117,12 @@ def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(t
         for method, col in ddp_res[dom].items():
             for r, v in col.items():
                 assert abs(fsdp_res[dom][method][r] - v) <= PPL_RTOL * v, (dom, method, r, fsdp_res[dom][method][r], v)
+    # the Lightning checkpoints (resume=) hold the same trainable tensors as DDP's, under the same names
+    ckpts = [torch.load(sorted((d / "checkpoints").glob("*.ckpt"))[-1], map_location="cpu", weights_only=False)["state_dict"]
+             for d in (fsdp_dir, ddp_dir)]
+    assert len(ckpts[1]) > 0 and sorted(ckpts[0]) == sorted(ckpts[1])
+    for k, v in ckpts[1].items():
+        torch.testing.assert_close(ckpts[0][k], v, rtol=0, atol=LORA_ATOL, msg=k)
     # the run directory loads and exports like a single-process one
     pm = acip.load(fsdp_dir)
     assert pm.has_trained_adapters() and pm.size_ratio() <= 0.5 + 1e-6

@@ -248,8 +248,16 @@ class ACIPModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Only the trainable tensors, plus the schedule state and the scores."""
         keep = {id(p) for p in self.trainable()}
-        names = {n for n, p in self.named_parameters() if id(p) in keep}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        # under FSDP the module's own names carry the wrappers ("_fsdp_wrapped_module."), the
+        # checkpoint's full state dict does not: compare the names without them
+        names = {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if id(p) in keep}
+        kept = {k: v for k, v in checkpoint["state_dict"].items() if k.replace("_fsdp_wrapped_module.", "") in names}
+        missing = names - {k.replace("_fsdp_wrapped_module.", "") for k in kept}
+        if missing and self.global_rank == 0:  # other ranks may hold an empty dict (FSDP rank0_only); rank 0 writes
+            raise RuntimeError(f"the checkpoint's state_dict lacks {len(missing)} trainable tensor(s) (e.g. "
+                               f"{sorted(missing)[:3]}): a resume would silently start them afresh. The strategy "
+                               f"saved {len(checkpoint['state_dict'])} tensors; with FSDP it must save a full state dict")
+        checkpoint["state_dict"] = kept
         checkpoint["acip"] = {"schedule": self.schedule.state_dict(),
                               "scores": {n: s.clone() for n, s in self.score_map.scores.items()}}
 
