@@ -139,8 +139,9 @@ def smollm2_table(windows: int, **rows_kw: Any) -> tuple[list[dict], nn.Module, 
     return run_table(model, ppl, "ppl", "fp32", **rows_kw), model, tok
 
 
-def minilm_table(n_verses: int, **rows_kw: Any) -> list[dict]:
-    """``n_verses`` last held-out KJV verses (0 = all of them)."""
+def minilm_metric(n_verses: int) -> tuple[nn.Module, Callable[[nn.Module], float]]:
+    """The fp32 all-MiniLM-L6-v2 and its metric: the mean cosine of mean-pooled embeddings to the
+    fp32 model's on the ``n_verses`` last held-out KJV verses (0 = all of them)."""
     import importlib.util
 
     from transformers import AutoModel, AutoTokenizer
@@ -166,7 +167,12 @@ def minilm_table(n_verses: int, **rows_kw: Any) -> list[dict]:
         return torch.nn.functional.normalize(torch.cat(outs), dim=-1)
 
     ref = embed(model)
-    cos = lambda m: float((embed(m) * ref).sum(-1).mean())  # noqa: E731
+    return model, (lambda m: float((embed(m) * ref).sum(-1).mean()))
+
+
+def minilm_table(n_verses: int, **rows_kw: Any) -> list[dict]:
+    """``n_verses`` last held-out KJV verses (0 = all of them)."""
+    model, cos = minilm_metric(n_verses)
     return run_table(model, cos, "cos", "fp32", **rows_kw)
 
 

@@ -2,8 +2,10 @@
 
 Persistent buffers (written by ``save_pretrained`` into safetensors, read by ``from_pretrained``):
 ``codes_stream`` (uint8 payload), ``codes_table`` (uint8 packed frequencies) and ``scales``
-(int8 exponents ``t`` for ``method="entquant"``: ``W = value[code] * 2**t``; fp32 absmax scales,
-stored bit-for-bit as int32, for ``method="absmax8"``), plus the fp32 ``bias``. Shapes, codec meta and the sha256 live in the
+(int8 exponents ``t`` for ``method="entquant"``: ``W = value[code] * 2**t``; int8 exponents for
+``method="ecsq"`` (``fmt="uniform"``): ``W = code * 2**((t + step_offset) / 16)``, ``step_offset`` in
+the layout entry and inside ``scales_sha256``; fp32 absmax scales, stored bit-for-bit as int32,
+for ``method="absmax8"``), plus the fp32 ``bias``. Shapes, codec meta and the sha256 live in the
 model config's ``acip_layout`` entry, so a corrupted or truncated file fails its checksum.
 
 Decode modes: ``"eager"`` decodes once (on first use) and keeps the fp32 weight; ``"lazy"`` keeps
@@ -11,6 +13,7 @@ only the streams and decodes just before each forward through a small per-model 
 """
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -22,9 +25,10 @@ from torch import nn
 from ..core.io import ChecksumError, tensor_digest
 from ..core.layout import register_module_kind
 from .codec import EncodedTensor, decode_many
-from .optimize import QuantResult, dequantize
+from .optimize import METHODS, QuantResult, dequantize
 
-__all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending", "decode_weights"]
+__all__ = ["EntQuantLinear", "LRUWeightCache", "layout_entry", "build_from_entry", "decode_pending", "decode_weights",
+           "scales_digest"]
 
 KIND = "entquant"
 _PENDING: "weakref.WeakSet[EntQuantLinear]" = weakref.WeakSet()  # loaded, eager, not decoded yet
@@ -114,8 +118,19 @@ class EntQuantLinear(nn.Module):
         self.in_features, self.out_features = int(entry["in_features"]), int(entry["out_features"])
         self.method, self.fmt = str(entry["method"]), str(entry["fmt"])
         self.name = str(entry.get("name", "weight"))
+        if self.method not in METHODS:
+            raise ValueError(f"layer {self.name!r}: acip_layout names the quantization method {self.method!r}, which "
+                             f"this acip does not know (it knows {list(METHODS)}); the file was written by a newer "
+                             f"acip or edited: upgrade acip, or re-save the model")
+        self.step_offset = 0
+        if self.method == "ecsq":
+            off = entry.get("step_offset")
+            if isinstance(off, bool) or not isinstance(off, int):
+                raise ValueError(f"layer {self.name!r}: an 'ecsq' acip_layout entry needs an integer 'step_offset', "
+                                 f"got {off!r}; the file is corrupted or edited: re-save the model")
+            self.step_offset = off
         self.entry = dict(entry)
-        scale_dtype = torch.int8 if self.method == "entquant" else torch.int32  # fp32 bits
+        scale_dtype = torch.int32 if self.method == "absmax8" else torch.int8  # absmax8: fp32 bits
         self.register_buffer("codes_stream", torch.empty(int(entry["stream_bytes"]), dtype=torch.uint8, device=device))
         self.register_buffer("codes_table", torch.empty(int(entry["table_bytes"]), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(self.out_features, dtype=scale_dtype, device=device))
@@ -147,11 +162,11 @@ class EntQuantLinear(nn.Module):
     def dequantize_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``value[codes] * scale_row`` after checking the scales against their sha256."""
         want = self.entry.get("scales_sha256")
-        if want is not None and tensor_digest(self.scales) != want:
+        if want is not None and scales_digest(self.scales, self.method, self.step_offset) != want:
             tensor = self.name + ".scales"
             raise ChecksumError(f"tensor {tensor!r}: sha256 mismatch: the checkpoint is corrupted; "
                                 f"re-save it from the original model", tensor=tensor)
-        return dequantize(codes.to(self.scales.device), self.scales, self.method, self.fmt)
+        return dequantize(codes.to(self.scales.device), self.scales, self.method, self.fmt, self.step_offset)
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes this layer stores for its weight: payload, tables (+ sha256), scales."""
@@ -210,9 +225,19 @@ class EntQuantLinear(nn.Module):
                 f"fmt={self.fmt}, bits={bits:.2f}, mode={self.mode}")
 
 
+def scales_digest(scales: torch.Tensor, method: str, step_offset: int = 0) -> str:
+    """sha256 of the stored scales; for ``"ecsq"`` it also covers the tensor's ``step_offset``
+    (``sha256("<tensor digest>:<offset>")``), so an edited offset fails the check like a flipped byte."""
+    d = tensor_digest(scales)
+    if method != "ecsq":
+        return d
+    return hashlib.sha256(f"{d}:{int(step_offset)}".encode()).hexdigest()
+
+
 def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) -> dict[str, Any]:
     """The ``acip_layout`` entry: everything needed to build the empty module and check it."""
     out, inn = enc.shape
+    extra = {"step_offset": int(res.step_offset)} if res.method == "ecsq" else {}
     return {
         "kind": KIND,
         "name": name,
@@ -225,7 +250,8 @@ def layout_entry(res: QuantResult, enc: EncodedTensor, bias: bool, name: str) ->
         "table_bytes": int(enc.table.numel()),
         "codec": enc.meta,
         "sha256": enc.sha256,
-        "scales_sha256": tensor_digest(res.scales),
+        "scales_sha256": scales_digest(res.scales, res.method, res.step_offset),
+        **extra,
         "stats": {
             "entropy": round(res.entropy, 6),
             "unique": res.unique,

@@ -47,7 +47,8 @@ from .config import EntropyQuantConfig
 from .formats import Format, code_values, entropy_bits, get_format
 
 __all__ = ["QuantResult", "quantize_weight", "absmax8", "dequantize", "OutlierError", "measure_rates", "coded_size",
-           "coded_size_of_hist", "search_exponents"]
+           "coded_size_of_hist", "search_exponents", "quantize_uniform", "uniform_steps", "UNIFORM_STEP_DEN",
+           "UNIFORM_RATE_UNIT"]
 
 T_MIN, T_MAX = -120, 120  # exponents are stored as int8
 
@@ -61,8 +62,8 @@ class QuantResult:
     """Codes and scales of one weight, plus what the report shows."""
 
     codes: torch.Tensor  # uint8 (out, in)
-    scales: torch.Tensor  # int8 exponents t (entquant) or fp32 scales as int32 bits (absmax8), (out,)
-    method: str  # "entquant" | "absmax8"
+    scales: torch.Tensor  # int8 exponents t (entquant, ecsq) or fp32 scales as int32 bits (absmax8), (out,)
+    method: str  # "entquant" | "ecsq" | "absmax8"
     fmt: str  # code format of ``codes``
     rel_error: float
     entropy: float  # bits per code
@@ -70,23 +71,36 @@ class QuantResult:
     iterations: int = 0
     retries: int = 0
     reason: str | None = None  # why this layer fell back
+    step_offset: int = 0  # ecsq: the tensor's exponent offset (steps 2**((t + offset) / UNIFORM_STEP_DEN))
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scales, self.method, self.fmt)
+        return dequantize(self.codes, self.scales, self.method, self.fmt, self.step_offset)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, method: str, fmt: str) -> torch.Tensor:
-    """``What = value[codes] * scale_row`` in fp32 (``scale = 2**t`` or the absmax scale)."""
+METHODS = ("entquant", "ecsq", "absmax8")
+"""The stored methods ``dequantize`` knows (``acip_layout`` entries with another one are refused)."""
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, method: str, fmt: str, step_offset: int = 0) -> torch.Tensor:
+    """``What = value[codes] * scale_row`` in fp32.
+
+    ``scale = 2**t`` (entquant), ``2**((t + step_offset) / UNIFORM_STEP_DEN)`` (ecsq) or the
+    absmax scale stored as fp32 bits (absmax8)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; this acip knows {list(METHODS)} "
+                         f"(a file written by a newer acip? upgrade acip to load it)")
     values = code_values(fmt, codes.device)[codes.to(torch.int64)]
     if method == "entquant":
         s = torch.exp2(scales.float())
+    elif method == "ecsq":
+        s = torch.exp2((scales.float() + float(step_offset)) / UNIFORM_STEP_DEN)
     else:  # fp32 bits kept in an int32 tensor, so loading with dtype=bf16 cannot round them
         s = scales.view(torch.float32) if scales.dtype == torch.int32 else scales.float()
     return values * s[:, None]
 
 
 def _finish(W: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, method: str, fmt: str, **kw) -> QuantResult:
-    What = dequantize(codes, scales, method, fmt)
+    What = dequantize(codes, scales, method, fmt, kw.get("step_offset", 0))
     norm = float(W.abs().sum())
     err = float((W - What).abs().sum()) / norm if norm > 0 else 0.0
     return QuantResult(codes, scales, method, fmt, err, entropy_bits(codes), int(codes.unique().numel()), **kw)
@@ -246,6 +260,113 @@ def _pick(sw: dict[str, torch.Tensor], t0: torch.Tensor, fmt: Format, lams, norm
     return ts, picks
 
 
+UNIFORM_STEP_DEN: int = 16
+"""``fmt="uniform"`` stores each row's step as an int8 exponent in 1/16 octave:
+``step_i = 2**((t_i + offset) / 16)``, with one integer ``offset`` per tensor."""
+UNIFORM_RATE_UNIT: float = 540.0
+"""Divisor of the rate term of ``fmt="uniform"``: ``J(c) = ||W - What||_F^2 / ||W||_F^2 + lam * H(c) / 540``.
+At high rate (error ``c^2 / 12`` of each row's mean square, entropy ``h - log2 c``) the minimiser
+is ``c = sqrt(6 lam / (540 ln 2)) ~ 0.25 sqrt(lam / 3.9)``. Measured on MiniLM: lam = 3.3 / 13.5 / 32.5
+store 4.2 / 3.2 / 2.6 bits per weight (e4m3 needs lam = 3.4 / 16 / 48.5 for those rates)."""
+UNIFORM_Q_MAX: int = 127
+
+
+def uniform_steps(W: torch.Tensor, c: float) -> tuple[torch.Tensor, int]:
+    """Per-row step exponents of ``fmt="uniform"`` at step-to-RMS ratio ``c``: ``(t int8 (out,), offset)``.
+
+    ``e_i = max(round(16 log2(c * rms_i)), ceil(16 log2(max_j |W_ij| / 127)))`` (the second term
+    keeps every code inside +-127, so nothing is clamped; ``c = 0`` gives 8-bit absmax steps),
+    ``offset = max_i e_i - 127`` and ``t_i = clamp(e_i - offset, -128, 127)``: a row more than 16
+    octaves below the tensor's largest step gets a coarser step than asked (never a finer one).
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"uniform_steps expects a 2-D float weight (out x in), got "
+                         f"{getattr(W, 'shape', type(W).__name__)}")
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+        raise ValueError(f"uniform_steps: c (step / row RMS) must be a finite number >= 0, got {c!r}")
+    tiny = 2.0 ** -126
+    need = torch.ceil(UNIFORM_STEP_DEN * torch.log2((W.abs().amax(dim=1) / UNIFORM_Q_MAX).clamp_min(tiny)))
+    if c > 0:
+        rms = W.pow(2).mean(dim=1).sqrt()
+        want = torch.round(UNIFORM_STEP_DEN * torch.log2((c * rms).clamp_min(tiny)))
+        need = torch.maximum(need, want)
+    offset = int(need.max()) - 127
+    return (need - offset).clamp(-128, 127).to(torch.int8), offset
+
+
+def _uniform_eval(W: torch.Tensor, c: float, norm2: float, keep: bool = False) -> tuple[float, float, Any]:
+    """``(||W - What||^2 / norm2, H(codes) in bits, (t, offset, q) if keep)`` at ratio ``c``."""
+    t, off = uniform_steps(W, c)
+    s = torch.exp2((t.float() + float(off)) / UNIFORM_STEP_DEN)[:, None]
+    q = torch.round(W / s).clamp_(-UNIFORM_Q_MAX, UNIFORM_Q_MAX)
+    d = float((W - q * s).pow_(2).sum()) / norm2
+    h = torch.bincount((q + UNIFORM_Q_MAX).reshape(-1).to(torch.int64), minlength=2 * UNIFORM_Q_MAX + 1).double()
+    p = h[h > 0] / q.numel()
+    return d, float(-(p * p.log2()).sum()), ((t, off, q) if keep else None)
+
+
+def quantize_uniform(W: torch.Tensor, lam: float, name: str = "weight") -> QuantResult:
+    """Entropy-coded uniform scalar quantization (ECSQ) of one weight: ``fmt="uniform"``.
+
+    Every row ``i`` gets the step ``Delta_i ~ c * rms_i`` (:func:`uniform_steps`: rounded to 1/16
+    octave, at least ``max|W_i| / 127``), codes ``q = round(W / Delta)`` in int8 and
+    ``What = q * Delta``, the design of the ideal ECSQ of scripts/bench_quant_bound.py. The one
+    ratio ``c`` of the tensor minimises
+
+        J(c) = ||W - What||_F^2 / ||W||_F^2 + lam * H(q) / UNIFORM_RATE_UNIT,
+
+    ``H`` the empirical entropy of the codes (what the rANS coder pays, bits per weight), over
+    ``c = 2**(k/16)``: a scan in half octaves within 2 octaves of the high-rate optimum (extended
+    while the best is at an end), then a pattern search down to 1/16 octave (about 15 evaluations
+    of ``J``, one pass over ``W`` each). ``lam = 0`` gives 8-bit absmax steps. Stored: codes, int8 ``t`` and
+    ``offset`` (``QuantResult.step_offset``), method ``"ecsq"``, code format ``"int8"``.
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0:
+        raise ValueError(f"{name}: quantize_uniform expects a non-empty 2-D weight, got "
+                         f"{getattr(W, 'shape', type(W).__name__)}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{name}: lam must be a finite number >= 0, got {lam!r}")
+    W = W.detach().float().contiguous()
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"{name}: the weight holds NaN or inf values; fix the model before quantizing it")
+    norm2 = float(W.pow(2).sum()) or 1.0
+    evals = 0
+    with _one_thread():
+        if lam == 0:
+            c = 0.0
+        else:
+            cache: dict[int, float] = {}
+
+            def J(k: int) -> float:
+                nonlocal evals
+                if k not in cache:
+                    d, h, _ = _uniform_eval(W, 2.0 ** (k / UNIFORM_STEP_DEN), norm2)
+                    cache[k] = d + float(lam) * h / UNIFORM_RATE_UNIT
+                    evals += 1
+                return cache[k]
+
+            den = UNIFORM_STEP_DEN
+            k0 = round(den * math.log2(math.sqrt(6.0 * lam / (UNIFORM_RATE_UNIT * math.log(2.0)))))
+            ks = list(range(k0 - 2 * den, k0 + 2 * den + 1, den // 2))
+            best = min(ks, key=J)
+            while best in (ks[0], ks[-1]) and abs(best - k0) < 24 * den:  # optimum at an end: extend the scan
+                nxt = best + (den // 2) * (1 if best == ks[-1] else -1)
+                ks = sorted(set(ks) | {nxt})
+                if J(nxt) >= J(best):
+                    break
+                best = nxt
+            step = den // 4
+            while step >= 1:
+                cand = min((best, best - step, best + step), key=J)  # ties keep best
+                if cand == best:
+                    step //= 2
+                best = cand
+            c = 2.0 ** (best / den)
+        _, _, (t, off, q) = _uniform_eval(W, c, norm2, keep=True)
+    codes = q.to(torch.int8).view(torch.uint8)
+    return _finish(W, codes, t, "ecsq", "int8", iterations=evals, step_offset=off)
+
+
 def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weight") -> QuantResult | None:
     """Quantize one weight matrix; ``None`` means "keep dense" (``fallback='keep'``).
 
@@ -260,12 +381,18 @@ def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weigh
                          f"nothing to quantize; quantize_ skips such layers, call quantize_weight only on the others")
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"{name}: the weight holds NaN or inf values; fix the model before quantizing it")
-    fmt = get_format(cfg.fmt)
 
     def fall(reason: str) -> QuantResult | None:
         if cfg.fallback == "raise":
             raise OutlierError(f"{name}: {reason}; set fallback='absmax8' (or 'keep') to quantize the rest anyway")
         return None if cfg.fallback == "keep" else absmax8(W, reason=reason)
+
+    if cfg.fmt == "uniform":
+        res = quantize_uniform(W, cfg.lam, name)
+        if res.rel_error > cfg.max_rel_error:
+            return fall(f"relative error {res.rel_error:.3f} > max_rel_error={cfg.max_rel_error:g}")
+        return res
+    fmt = get_format(cfg.fmt)
 
     n_out = _range_outliers(W, fmt)
     if n_out:
@@ -339,14 +466,15 @@ def measure_rates(W: torch.Tensor, lams: "tuple[float, ...] | list[float]", rows
     import numpy as np
 
     cfg = base if base is not None else EntropyQuantConfig()
-    fmt = get_format(cfg.fmt)
+    uniform = cfg.fmt == "uniform"
+    fmt = None if uniform else get_format(cfg.fmt)
     W = W.detach().float()
     if W.numel() == 0:
         raise ValueError(f"{name}: the weight {tuple(W.shape)} is empty and has no rate to measure")
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"{name}: the weight holds NaN or inf values; fix the model before quantizing it")
     norm1, numel = float(W.abs().sum()), W.numel()
-    outliers = _range_outliers(W, fmt)
+    outliers = 0 if fmt is None else _range_outliers(W, fmt)
     if W.shape[0] > rows:
         idx = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(seed))[:rows].sort().values
         W = W.index_select(0, idx)
@@ -365,6 +493,18 @@ def measure_rates(W: torch.Tensor, lams: "tuple[float, ...] | list[float]", rows
         for k, v in zip(("eps", "bits", "fixed", "row_bytes"), vals):
             out[k].append(v)
 
+    if uniform:  # fmt="uniform": the quantizer itself on the sampled rows (J is relative, so a sample serves)
+        for lam in lams:
+            res = quantize_uniform(W, float(lam), name)
+            if res.rel_error > cfg.max_rel_error:
+                fallback(f"relative error {res.rel_error:.3f} > max_rel_error={cfg.max_rel_error:g}")
+                continue
+            bits, fixed = coded_size(res.codes)
+            out["eps"].append(float((W - res.dequantize()).pow(2).sum()) / norm2)
+            out["bits"].append(bits)
+            out["fixed"].append(fixed)
+            out["row_bytes"].append(1.0)
+        return out
     if outliers:
         for _ in lams:
             fallback(f"{outliers} row(s) span more than the {fmt.name} dynamic range (extreme outliers)")
