@@ -46,13 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC_MODULES = ["textwrap", "csv", "fractions", "shlex", "heapq", "bisect"]
 
 
-def _val(train: list[str], tok, cfg) -> list[str]:
-    """What a run with config ``cfg`` sets aside from ``train`` as its validation split."""
-    from acip.train.run import run_validation_split
-
-    return run_validation_split(cfg, list(train), tok)[1]
-
-
 def _sg_node(runs: list[Path], seed: int = 0):
     """The self-generated data node and the config around it: from the first run trained on it (alone
     or as a ``data=mix`` component), else ``conf/data/self_generated.yaml`` on SmolLM2 with

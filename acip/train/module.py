@@ -250,9 +250,12 @@ class ACIPModule(pl.LightningModule):
         keep = {id(p) for p in self.trainable()}
         # under FSDP the module's own names carry the wrappers ("_fsdp_wrapped_module."), the
         # checkpoint's full state dict does not: compare the names without them
-        names = {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if id(p) in keep}
-        kept = {k: v for k, v in checkpoint["state_dict"].items() if k.replace("_fsdp_wrapped_module.", "") in names}
-        missing = names - {k.replace("_fsdp_wrapped_module.", "") for k in kept}
+        def plain(name: str) -> str:
+            return name.replace("_fsdp_wrapped_module.", "")
+
+        names = {plain(n) for n, p in self.named_parameters() if id(p) in keep}
+        kept = {k: v for k, v in checkpoint["state_dict"].items() if plain(k) in names}
+        missing = names - {plain(k) for k in kept}
         if missing and self.global_rank == 0:  # other ranks may hold an empty dict (FSDP rank0_only); rank 0 writes
             raise RuntimeError(f"the checkpoint's state_dict lacks {len(missing)} trainable tensor(s) (e.g. "
                                f"{sorted(missing)[:3]}): a resume would silently start them afresh. The strategy "
