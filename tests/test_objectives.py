@@ -198,3 +198,125 @@ def test_module_hands_the_batch_s_cached_teacher_to_the_objective():
     assert seen == ["dense"]
     module = ACIPModule(tiny_pm(), lr=1e-3, lora_lr=1e-3)  # CE ignores a cached teacher
     module.training_step({"input_ids": x, "teacher_ids": t_ids, "teacher_logp": t_logp}, 0)
+
+
+# ------------------------------------------------------------------ the cached teacher for packed text
+def test_packed_teacher_topk_equals_the_dense_models_top_k_and_is_cached_by_the_rows(tmp_path, monkeypatch):
+    import acip.train.sources as sources
+
+    monkeypatch.setenv("ACIP_CACHE_DIR", str(tmp_path))
+    key = {"_target_": "tiny", "seed": 0}
+    rows = ids(3)
+    want_ids, want_logp = full_topk(rows, 8)
+    got_ids, got_logp = sources.packed_teacher_topk(tiny_base(), rows, 8, "float32", model_key=key, progress=False)
+    assert got_ids.dtype == torch.int32 and torch.equal(got_ids.long(), want_ids)
+    assert torch.allclose(got_logp, want_logp, atol=1e-6)
+    files = list((tmp_path / "teacher_topk").glob("*.safetensors"))
+    assert len(files) == 1
+
+    def no_forward(*a, **k):
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(sources, "topk_logprobs", no_forward)
+    again = sources.packed_teacher_topk(tiny_base(), rows, 8, "float32", model_key=key, progress=False)
+    assert torch.equal(again[0], got_ids) and torch.equal(again[1], got_logp)
+    with pytest.raises(AssertionError, match="cache"):  # other rows, other model or other k: another entry
+        sources.packed_teacher_topk(tiny_base(), ids(4), 8, "float32", model_key=key, progress=False)
+    with pytest.raises(AssertionError, match="cache"):
+        sources.packed_teacher_topk(tiny_base(), rows, 8, "float32", model_key={**key, "seed": 1}, progress=False)
+    with pytest.raises(AssertionError, match="cache"):
+        sources.packed_teacher_topk(tiny_base(), rows, 4, "float32", model_key=key, progress=False)
+    raw = bytearray(files[0].read_bytes())  # a damaged entry is recomputed, with a warning
+    raw[-3] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    monkeypatch.undo()
+    monkeypatch.setenv("ACIP_CACHE_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="damaged"):
+        fixed = sources.packed_teacher_topk(tiny_base(), rows, 8, "float32", model_key=key, progress=False)
+    assert torch.equal(fixed[0], got_ids)
+
+
+@pytest.mark.parametrize("kw, msg", [({"k": 0}, "teacher_topk must be an integer >= 1"),
+                                     ({"dtype": "bfloat16"}, "teacher_dtype"),
+                                     ({"rows": torch.zeros(5, dtype=torch.long)}, r"shape \(rows, seq_len\)")])
+def test_packed_teacher_topk_names_bad_settings(kw, msg):
+    from acip.train.sources import packed_teacher_topk
+
+    with pytest.raises(ValueError, match=msg):
+        packed_teacher_topk(tiny_base(), kw.get("rows", ids()), kw.get("k", 4), kw.get("dtype", "float16"))
+
+
+def test_packed_teacher_topk_refuses_more_memory_than_its_limit(monkeypatch):
+    import acip.train.sources as sources
+
+    monkeypatch.setattr(sources, "TEACHER_TOPK_MAX_BYTES", 500)
+    with pytest.raises(ValueError, match=r"GiB.*objective.teacher_topk=0"):
+        sources.packed_teacher_topk(tiny_base(), ids(), 8)  # 2 x 10 x 8 x (4 + 2) bytes = 960
+    assert sources.packed_teacher_topk(tiny_base(), ids()[:, :5], 8, model_key=None, progress=False)[0].shape == (2, 5, 8)
+
+
+def test_objective_teacher_topk_setting_is_validated_and_off_without_kd():
+    assert Distillation(ce_weight=1.0, teacher_topk=64).teacher_topk == 64
+    assert Distillation(ce_weight=1.0, kd_weight=0.0, teacher_topk=64).teacher_topk == 0  # no KD term, no teacher
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="teacher_topk"):
+            Distillation(teacher_topk=bad)
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        Distillation(teacher_dtype="int8")
+    for name in ("kd", "ce_kd"):
+        assert instantiate(OmegaConf.load(CONF / f"{name}.yaml")).teacher_topk == 64
+
+
+def test_text_rows_get_the_dense_models_top_k_before_parametrizing_and_train_without_a_teacher_forward():
+    """A run on packed text with objective.teacher_topk: the lazy build gives the datamodule's rows the
+    dense model's top-k first, batches carry it, and the step never runs the dense teacher."""
+    import acip
+    from acip.train.data import PackedTextDataModule
+    from acip.train.run import parametrizer
+    from test_train_module import tiny_data
+
+    dm = tiny_data(4)
+    rows = dm.prepare().clone()
+    base = tiny_base()
+    want_ids, want_logp = topk_logprobs(tiny_base(), rows, 8)
+    objective = Distillation(ce_weight=1.0, teacher_topk=8, teacher_dtype="float32")
+    seen = []
+
+    def teacher(m):
+        seen.append(type(m.model.layers[0].self_attn.q_proj).__name__)  # still the dense nn.Linear
+        assert dm.attach_teacher(m, objective.teacher_topk, objective.teacher_dtype)
+
+    pm = parametrizer(base, acip.ACIPConfig(), None, torch.random.get_rng_state(), teacher=teacher)("cpu")
+    assert seen == ["Linear"]
+    assert torch.equal(dm.extras["teacher_ids"].long(), want_ids)
+    assert torch.allclose(dm.extras["teacher_logp"], want_logp, atol=1e-6)
+    assert not dm.attach_teacher(base, 8)  # rows that carry a teacher keep it
+    dm.total_steps = 1
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "teacher_ids", "teacher_logp"}
+    dense_calls = []
+
+    class Spy(Distillation):
+        def teacher_logits(self, pm, input_ids):
+            dense_calls.append(1)
+            return super().teacher_logits(pm, input_ids)
+
+    module = ACIPModule(pm, lr=1e-3, lora_lr=1e-3, objective=Spy(ce_weight=1.0, teacher_topk=8))
+    module.training_step(batch, 0)
+    assert dense_calls == [] and module.last["kd"] < 1e-4 and module.last["ce"] > 1.0
+
+
+def test_a_ce_kd_run_on_text_caches_the_teacher_top_k_once_and_finishes(tmp_path):
+    import json
+
+    from helpers_train import child_env, run_compress
+
+    env = child_env(ACIP_CACHE_DIR=str(tmp_path / "cache"))
+    proc = run_compress(tmp_path / "run", "objective=ce_kd", "eval.baseline=false",
+                        "eval.activation_aware_windows=0", "eval.domains=[heldout]", env=env)
+    out = proc.stdout + proc.stderr
+    assert "the teacher's top-64 of" in out and "one forward of the base model" in out
+    assert len(list((tmp_path / "cache" / "teacher_topk").glob("*.safetensors"))) == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["reached_stop_ratio"] and (tmp_path / "run" / "score_map.safetensors").is_file()
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").objective.teacher_topk == 64

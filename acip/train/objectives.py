@@ -18,7 +18,10 @@ fp32 task loss the L1 term is added to, ``parts`` its named components as floats
   With a cached teacher top-K in the batch the teacher forward is skipped and KD is
   :func:`topk_kl_divergence`: the KL over the K cached tokens plus one bucket for the rest of the
   vocabulary (exact when K = V). The cache holds the base model itself, not its SVD reconstruction,
-  so at initialisation KD is ~0 (the reconstruction error), not exactly 0.
+  so at initialisation KD is ~0 (the reconstruction error), not exactly 0. ``teacher_topk = K > 0``
+  gives any other training data (packed text) the same cache: the base model's top-K at every
+  position of the packed rows, computed once before the run parametrizes the model
+  (:func:`acip.train.sources.packed_teacher_topk`, cached on disk by the rows' checksum).
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ class Distillation:
 
     uses_teacher = True
 
-    def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0) -> None:
+    def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                 teacher_topk: int = 0, teacher_dtype: str = "float16") -> None:
         for key, v in (("temperature", temperature), ("kd_weight", kd_weight), ("ce_weight", ce_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise ValueError(f"objective.{key} must be a finite number >= 0, got {v!r}")
@@ -108,7 +112,16 @@ class Distillation:
             raise ValueError(f"objective.temperature must be > 0, got {temperature!r}")
         if kd_weight == 0 and ce_weight == 0:
             raise ValueError("objective.kd_weight and objective.ce_weight are both 0: the task loss would be 0")
+        if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or teacher_topk < 0:
+            raise ValueError(f"objective.teacher_topk must be an integer >= 0 (0: the dense teacher every step), "
+                             f"got {teacher_topk!r}")
+        if teacher_dtype not in ("float16", "float32"):
+            raise ValueError(f"objective.teacher_dtype must be float16 or float32, got {teacher_dtype!r}")
         self.temperature, self.kd_weight, self.ce_weight = float(temperature), float(kd_weight), float(ce_weight)
+        # Training rows that carry no cached teacher get the base model's top-k once, before the run
+        # parametrizes it (acip.train.sources.packed_teacher_topk); 0: the dense teacher forward every step.
+        self.teacher_topk = int(teacher_topk) if kd_weight > 0 else 0
+        self.teacher_dtype = teacher_dtype
         self.name = "kd" if ce_weight == 0 else "ce_kd"
 
     @torch.no_grad()
@@ -159,4 +172,5 @@ class Distillation:
         return loss, parts
 
     def __repr__(self) -> str:
-        return f"Distillation(temperature={self.temperature}, kd_weight={self.kd_weight}, ce_weight={self.ce_weight})"
+        return (f"Distillation(temperature={self.temperature}, kd_weight={self.kd_weight}, ce_weight={self.ce_weight}, "
+                f"teacher_topk={self.teacher_topk})")

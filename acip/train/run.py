@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -209,10 +209,15 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
         from acip.eval.perplexity import token_windows
 
         calib = token_windows(tok, calib_texts, int(a.whiten_seq_len), int(a.whiten_windows))
+    objective = _build(cfg.objective) if cfg.get("objective") is not None else None
+    teacher = None
+    if getattr(objective, "uses_teacher", False) and getattr(objective, "teacher_topk", 0):
+        def teacher(m: Any) -> None:  # the base model's top-k on the packed rows, before parametrizing
+            dm.attach_teacher(m, objective.teacher_topk, objective.teacher_dtype, model_key=cfg.model)
     module = ACIPModule(None, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
                         meta={"run_dir": str(run_dir)},
-                        build=parametrizer(model, config, calib, torch.random.get_rng_state()),
-                        objective=_build(cfg.objective) if cfg.get("objective") is not None else None)
+                        build=parametrizer(model, config, calib, torch.random.get_rng_state(), teacher=teacher),
+                        objective=objective)
     return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": calib_texts,
             "heldout_texts": heldout_texts, "val_texts": val_texts}
 
@@ -236,11 +241,14 @@ def val_tokens(e: Any) -> int:
     return int(40 if w is None else w) * int(e.seq_len)
 
 
-def parametrizer(model: Any, config: Any, calib: Any = None, rng_state: Any = None) -> Any:
+def parametrizer(model: Any, config: Any, calib: Any = None, rng_state: Any = None,
+                 teacher: Callable[[Any], None] | None = None) -> Any:
     """``build(device) -> ACIPModel`` for :meth:`ACIPModule.configure_model`: the activation-aware
     calibration (when ``calib`` windows are given) and the SVD of every target layer run on the
     training device, on each rank. ``rng_state`` (the CPU generator's state where the old in-line
-    parametrization ran) makes the LoRA initialisation, and so the run, the same as before."""
+    parametrization ran) makes the LoRA initialisation, and so the run, the same as before.
+    ``teacher(model)``: called first with the still dense model on the device (the cached teacher
+    top-k of the training rows is computed there)."""
     import inspect
 
     import torch
@@ -252,8 +260,10 @@ def parametrizer(model: Any, config: Any, calib: Any = None, rng_state: Any = No
         if rng_state is not None:
             torch.random.set_rng_state(rng_state)
         layerwise = "device" in inspect.signature(acip.parametrize).parameters
-        if device.type != "cpu" and (calib is not None or not layerwise):
-            model.to(device)  # calibration runs the model (and the SVD follows its weights)
+        if device.type != "cpu" and (calib is not None or teacher is not None or not layerwise):
+            model.to(device)  # calibration and the teacher run the model (and the SVD follows its weights)
+        if teacher is not None:
+            teacher(model)
         whitening = None
         if calib is not None:
             from acip.core.whiten import calibrate_whitening

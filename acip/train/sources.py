@@ -30,7 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["self_generated", "mix", "sample_tokens", "topk_logprobs", "seed_prompts", "cache_path", "CACHE_VERSION"]
+__all__ = ["self_generated", "mix", "sample_tokens", "topk_logprobs", "packed_teacher_topk", "seed_prompts",
+           "cache_path", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
 
@@ -162,6 +163,68 @@ def topk_logprobs(model: Any, tokens: torch.Tensor, k: int, batch_size: int = 8,
         ids.append(a)
         logp.append(b)
     return torch.cat(ids), torch.cat(logp)
+
+
+TEACHER_TOPK_MAX_BYTES = 4 << 30  # the cached top-k of packed rows is held in memory: refuse more than 4 GiB
+
+
+def packed_teacher_topk(model: Any, sequences: torch.Tensor, k: int, dtype: str = "float16", *,
+                        model_key: Any = None, cache: bool = True, progress: bool = True,
+                        batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's top-``k`` next-token log-probabilities at every position of packed training
+    rows ``sequences`` (N x L): ``(teacher_ids int32, teacher_logp dtype)``, each ``(N, L, k)``.
+
+    This is what ``data=self_generated`` records while sampling, for any other data: with it the
+    ``kd`` / ``ce_kd`` objectives need no teacher forward per step (docs/BENCHMARKS.md: 1.07-1.10x
+    a CE step instead of 1.7-1.9x). ``model`` must be the *uncompressed* base model, on the device it
+    should run on. One forward per ``batch_size`` rows, no gradient; the result is cached under
+    ``cache_dir() / "teacher_topk"`` keyed by the rows' sha256, ``model_key`` (the run's model node)
+    and (k, dtype), with per-tensor checksums, so a second run with the same data reads it.
+    The rows take ``N * L * k * (4 + bytes(dtype))`` bytes; more than 4 GiB is refused.
+    """
+    from acip.core.base import cache_dir
+    from acip.core.io import ArtifactError, read_tensors, save_tensors
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"objective.teacher_topk must be an integer >= 1 here (0 switches the cache off), got {k!r}")
+    if dtype not in TEACHER_DTYPES:
+        raise ValueError(f"objective.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")
+    if sequences.dim() != 2:
+        raise ValueError(f"packed_teacher_topk needs token rows of shape (rows, seq_len), got {tuple(sequences.shape)}")
+    n, length = sequences.shape
+    nbytes = n * length * k * (4 + TEACHER_DTYPES[dtype].itemsize)
+    if nbytes > TEACHER_TOPK_MAX_BYTES:
+        raise ValueError(f"the teacher's top-{k} of {n} x {length} training tokens would take {nbytes / 2**30:.1f} GiB "
+                         f"in memory (limit {TEACHER_TOPK_MAX_BYTES >> 30} GiB): lower objective.teacher_topk, train on "
+                         f"fewer tokens, or set objective.teacher_topk=0 (the dense teacher forward every step)")
+    rows = sequences.to(torch.int32).cpu().contiguous()
+    digest = hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+    ident = _model_identity(model_key) if model_key is not None else None
+    key = {"version": CACHE_VERSION, "rows": digest, "shape": [n, length], "model": ident, "k": k, "dtype": dtype}
+    path = cache_dir() / "teacher_topk" / (
+        hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".safetensors")
+    if cache and ident is not None and path.is_file():
+        try:
+            tensors, _ = read_tensors(path, what="teacher top-k cache")
+            if tuple(tensors["teacher_ids"].shape) == (n, length, k):
+                print(f"[acip] the teacher's top-{k} of {n} training rows from the cache {path}", flush=True)
+                return tensors["teacher_ids"], tensors["teacher_logp"]
+        except (ArtifactError, KeyError, ValueError) as e:
+            import warnings
+
+            warnings.warn(f"the teacher top-k cache {str(path)!r} is damaged ({e}); computing it again")
+    print(f"[acip] the teacher's top-{k} of {n} training rows x {length} tokens ({nbytes / 2**20:.0f} MiB): one "
+          f"forward of the base model over them", flush=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    ids, logp = topk_logprobs(model, rows.to(device), k, batch_size=batch_size, progress=progress)
+    model.train(was_training)
+    ids, logp = ids.to(torch.int32).cpu(), logp.to(TEACHER_DTYPES[dtype]).cpu()
+    if cache and ident is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, {"teacher_ids": ids, "teacher_logp": logp},
+                     metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+    return ids, logp
 
 
 # ------------------------------------------------------------------------------------------ prompts
