@@ -104,6 +104,33 @@ def test_prompts_come_from_the_seed_text(tmp_path):
     assert all(t.startswith("zeb") for t in train + held)  # 3 byte tokens of the seed text, then samples
 
 
+CHAT = "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+
+
+def test_chat_prompts_open_a_user_turn_of_the_models_own_template(monkeypatch):
+    real = models.tiny_llama
+    toks = []
+
+    def with_template(**kw):
+        m, tok = real(**kw)
+        tok.chat_template = CHAT
+        toks.append(tok)
+        return m, tok
+
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):  # the byte tokenizer has none
+        self_generated(MODEL, **{**SMALL, "prompt_fraction": 1.0, "seed_text": "chat"})
+    monkeypatch.setattr(models, "tiny_llama", with_template)
+    train, held = self_generated(MODEL, **{**SMALL, "prompt_fraction": 1.0, "seed_text": "chat"})
+    opening = sources.chat_prompt(toks[0])
+    assert toks[0].decode(opening) == "<|endoftext|>user\n"  # cut where the user's message starts
+    rows = torch.cat([train.tokens, held.tokens])
+    assert torch.equal(rows[:, :len(opening)], torch.tensor(opening).expand(len(rows), -1))  # no BOS of ours before it
+    assert all(t.startswith("<|endoftext|>user\n") for t in train + held)  # special tokens kept in the text
+    half, _ = self_generated(MODEL, **{**SMALL, "prompt_fraction": 0.5, "seed_text": "chat"})
+    assert sum(t.startswith("<|endoftext|>user") for t in half) in (1, 4)  # one of the two batches (4 + 2 rows)
+    assert not all(t.startswith("<|endoftext|>user") for t in half)
+
+
 @pytest.mark.parametrize("kw, msg", [({"heldout_fraction": 1.0}, "heldout_fraction"), ({"top_p": 0.0}, "top_p"),
                                      ({"prompt_tokens": 12}, "prompt_tokens"), ({"num_sequences": 1}, "num_sequences")])
 def test_bad_settings_are_named(kw, msg):

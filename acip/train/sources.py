@@ -229,7 +229,8 @@ def packed_teacher_topk(model: Any, sequences: torch.Tensor, k: int, dtype: str 
 
 # ------------------------------------------------------------------------------------------ prompts
 def _seed_texts(seed_text: Any) -> list[str]:
-    """``"kjv"`` (the KJV *training* verses), a list of text files, or None (no prompts)."""
+    """``"kjv"`` (the KJV *training* verses), a list of text files, or None (no prompts); ``"chat"`` is
+    handled by :func:`chat_prompt`."""
     if seed_text is None or seed_text == "none":
         return []
     if seed_text == "kjv":
@@ -288,8 +289,25 @@ def cache_path(key_fields: Mapping[str, Any]) -> Path:
 
 
 def _decode(tokenizer: Any, rows: torch.Tensor, prefix_len: torch.Tensor) -> list[str]:
-    """Text of each row after its BOS; EOS/special tokens are skipped (they split, they do not end, a text)."""
-    return [tokenizer.decode(r[int(p):].tolist(), skip_special_tokens=True) for r, p in zip(rows, prefix_len)]
+    """Text of each row after its BOS; EOS/special tokens are skipped (they split, they do not end, a text).
+    A row with ``prefix_len == 0`` starts with the chat template (``seed_text: chat``): it keeps its special
+    tokens, so that the text re-tokenizes (``data=mix``) into the same turns."""
+    return [tokenizer.decode(r[int(p):].tolist(), skip_special_tokens=bool(int(p))) for r, p in zip(rows, prefix_len)]
+
+
+def chat_prompt(tokenizer: Any) -> list[int]:
+    """The tokens that open a user turn in the model's own chat template (``seed_text: chat``): the
+    template rendered for one user message, cut where the message would start (with the template's
+    default system turn, if it has one). The model then writes the user's request and its answer:
+    samples of what the model is used for, on any chat model, with no text of ours in them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.seed_text=chat needs a tokenizer with a chat template, and this model's has none: "
+                         "use seed_text=kjv, a list of text files, or null (BOS only)")
+    mark = "\u241fACIP-USER-TURN\u241f"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    if mark not in text:
+        raise ValueError("the model's chat template does not render the user message; use another data.seed_text")
+    return list(tokenizer(text[: text.index(mark)], add_special_tokens=False)["input_ids"])
 
 
 TEACHER_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -307,7 +325,9 @@ def self_generated(
 
     ``prompt_fraction`` of the batches start from BOS + ``prompt_tokens`` tokens of a seeded-random
     ``seed_text`` text (``"kjv"``: the KJV training verses, or a list of text files, or null), the
-    rest from BOS alone. The last ``heldout_fraction`` of the sequences is held out (validation).
+    rest from BOS alone. ``seed_text="chat"``: the prompted batches start from the model's chat template
+    opening a user turn instead (:func:`chat_prompt`; ``prompt_tokens`` is then unused), so the model
+    writes a request and answers it. The last ``heldout_fraction`` of the sequences is held out (validation).
 
     ``teacher_topk = K > 0``: the rows also carry, at every position, the model's ``K`` most likely
     next tokens and their log-probabilities (T = 1, before the sampling filters), stored as
@@ -408,8 +428,15 @@ def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tup
     nb = math.ceil(n / B)
     n_prompted = int(round(nb * float(s["prompt_fraction"])))
     prompted = set(random.Random(int(s["seed"])).sample(range(nb), n_prompted))
-    prompts = seed_prompts(tok, _seed_texts(s["seed_text"]), n_prompted * B, int(s["prompt_tokens"]),
-                           int(s["seed"])) if n_prompted else []
+    chat = s["seed_text"] == "chat"
+    if chat and n_prompted:  # every prompted row opens a user turn of the chat template (no BOS of ours)
+        opening = chat_prompt(tok)
+        if len(opening) >= L - 1:
+            raise ValueError(f"the chat template's opening is {len(opening)} tokens, too long for data.seq_len={L}")
+        prompts = [opening] * (n_prompted * B)
+    else:
+        prompts = seed_prompts(tok, _seed_texts(s["seed_text"]), n_prompted * B, int(s["prompt_tokens"]),
+                               int(s["seed"])) if n_prompted else []
     bos = _bos(tok, model)
     g = torch.Generator().manual_seed(int(s["seed"]))
     rows, plen, tids, tlogp, used = [], [], [], [], 0
@@ -428,7 +455,7 @@ def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tup
         if b in prompted:
             body = torch.tensor(prompts[used: used + rb], dtype=torch.long)
             used += B
-            prefix = torch.cat([torch.full((rb, 1), bos, dtype=torch.long), body], dim=1)
+            prefix = body if chat else torch.cat([torch.full((rb, 1), bos, dtype=torch.long), body], dim=1)
         else:
             prefix = torch.full((rb, 1), bos, dtype=torch.long)
         out = sample_tokens(model, prefix, L - prefix.shape[1], float(s["temperature"]), float(s["top_p"]),
@@ -438,7 +465,8 @@ def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tup
             tids.append(ids)
             tlogp.append(logp)
         rows.append(out)
-        plen.append(torch.ones(rb, dtype=torch.long))  # the text starts after BOS (the prompt is kept)
+        # the text starts after BOS (the prompt is kept); a chat row at its template (0: special tokens kept)
+        plen.append(torch.full((rb,), 0 if chat and b in prompted else 1, dtype=torch.long))
     bar.close()
     return torch.cat(rows), torch.cat(plen), torch.cat(tids) if K else None, torch.cat(tlogp) if K else None
 
