@@ -1,10 +1,12 @@
 """trainer=fsdp: the auto-wrap policy (one FSDP unit per decoder block), masks outside the shards, and two
 CPU processes (gloo) running the tiny model end to end: LoRA adapters, post-tuning and the final evaluation,
-against the DDP run of the same seed."""
+against the DDP run of the same seed; and ``resume=`` of an FSDP run against the uninterrupted one."""
 from __future__ import annotations
 
+import shutil
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 
 from acip.train.scale import DecoderBlockPolicy, fsdp_strategy
@@ -77,7 +79,25 @@ def test_rank_zero_with_full_params_outside_fsdp_runs_the_work_on_rank_zero_only
         rank_zero_with_full_params(zero, None, lambda: 7, barrier=1)
 
 
-def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """One finished FSDP run (2 CPU processes) of :data:`RUN_ARGS`, shared by the tests below."""
+    fsdp_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    cmd = [sys.executable, "-m", "acip.compress", *RUN_ARGS, f"hydra.run.dir={fsdp_dir}", *FSDP_ARGS]
+    proc = run_compress(fsdp_dir, cmd=cmd, env=child_env(WANDB_MODE="disabled"), timeout=900)
+    # both ranks' score-map digests are gathered at the end (ReplicaMismatchError if they differ)
+    assert "ReplicaMismatchError" not in proc.stderr
+    return fsdp_dir
+
+
+def _optimizer_states(ckpt: dict) -> list[dict]:
+    """Per parameter, in optimizer order (group by group), its saved Adam state: the ids differ between
+    strategies (FSDP keys by model parameter, DDP by position), the order does not."""
+    opt = ckpt["optimizer_states"][0]
+    return [opt["state"][i] for g in opt["param_groups"] for i in g["params"]]
+
+
+def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(fsdp_run, tmp_path):
     import json
 
     import torch
@@ -86,11 +106,7 @@ def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(t
     from acip.core.io import read_tensors
     from acip.core.parametrize import STATE_FILE
 
-    fsdp_dir, ddp_dir = tmp_path / "fsdp", tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "acip.compress", *RUN_ARGS, f"hydra.run.dir={fsdp_dir}", *FSDP_ARGS]
-    proc = run_compress(fsdp_dir, cmd=cmd, env=child_env(WANDB_MODE="disabled"), timeout=900)
-    # both ranks' score-map digests are gathered at the end (ReplicaMismatchError if they differ)
-    assert "ReplicaMismatchError" not in proc.stderr
+    fsdp_dir, ddp_dir = fsdp_run, tmp_path / "ddp"
     cmd = [sys.executable, "-m", "acip.compress", *RUN_ARGS, f"hydra.run.dir={ddp_dir}", "trainer=ddp",
            "trainer.devices=2"]
     run_compress(ddp_dir, cmd=cmd, env=child_env(WANDB_MODE="disabled"), timeout=900)
@@ -118,14 +134,54 @@ def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(t
             for r, v in col.items():
                 assert abs(fsdp_res[dom][method][r] - v) <= PPL_RTOL * v, (dom, method, r, fsdp_res[dom][method][r], v)
     # the Lightning checkpoints (resume=) hold the same trainable tensors as DDP's, under the same names
-    ckpts = [torch.load(sorted((d / "checkpoints").glob("*.ckpt"))[-1], map_location="cpu", weights_only=False)["state_dict"]
+    ckpts = [torch.load(sorted((d / "checkpoints").glob("*.ckpt"))[-1], map_location="cpu", weights_only=False)
              for d in (fsdp_dir, ddp_dir)]
-    assert len(ckpts[1]) > 0 and sorted(ckpts[0]) == sorted(ckpts[1])
-    for k, v in ckpts[1].items():
-        torch.testing.assert_close(ckpts[0][k], v, rtol=0, atol=LORA_ATOL, msg=k)
+    states = [c["state_dict"] for c in ckpts]
+    assert len(states[1]) > 0 and sorted(states[0]) == sorted(states[1])
+    for k, v in states[1].items():
+        torch.testing.assert_close(states[0][k], v, rtol=0, atol=LORA_ATOL, msg=k)
+    # ... and the same Adam state, each moment its own tensor (on CPU the gathered moments of a flat
+    # parameter used to share one buffer: exp_avg held exp_avg_sq, and resume= went astray)
+    opts = [_optimizer_states(c) for c in ckpts]
+    assert len(opts[0]) == len(opts[1]) == len(states[1])
+    for i, (got, want) in enumerate(zip(*opts)):
+        assert sorted(got) == sorted(want) and got["exp_avg"].data_ptr() != got["exp_avg_sq"].data_ptr(), i
+        for key, v in want.items():
+            torch.testing.assert_close(got[key], v, rtol=0, atol=LORA_ATOL, msg=f"{i} {key}")
     # the run directory loads and exports like a single-process one
     pm = acip.load(fsdp_dir)
     assert pm.has_trained_adapters() and pm.size_ratio() <= 0.5 + 1e-6
     assert pm.score_map.meta.get("adapters_auto") == ddp_map.meta.get("adapters_auto")
     small = acip.export(fsdp_dir, 0.5)
     assert abs(small.config.acip_export["measured_ratio"] - fsdp_res["measured_ratio"]["acip"]["0.5"]) < 1e-9
+
+
+def test_fsdp_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(fsdp_run, tmp_path):
+    """What a run killed after its step-10 checkpoint leaves (its config.yaml and that checkpoint; the step-15
+    one, the run-directory files and results.json not yet written), resumed with ``resume=``: it crosses the
+    stop ratio (step 12) and the post-tune phase and ends as the uninterrupted run does, bit for bit."""
+    import json
+
+    import torch
+
+    import acip
+    from acip.core.io import read_tensors
+    from acip.core.parametrize import STATE_FILE
+    from helpers_train import resume_cmd
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(fsdp_run / "config.yaml", run / "config.yaml")
+    shutil.copy(fsdp_run / "checkpoints" / "step000010.ckpt", run / "checkpoints")
+    proc = run_compress(run, cmd=resume_cmd(run), env=child_env(WANDB_MODE="disabled"), timeout=900)
+    assert "ReplicaMismatchError" not in proc.stderr
+    got, want = (acip.ScoreMap.load(d / "score_map.safetensors") for d in (run, fsdp_run))
+    assert got.meta["global_step"] == want.meta["global_step"] == 15 and got.meta["updates"] == want.meta["updates"]
+    assert got.digest() == want.digest()
+    # every trainable tensor (masks, LoRA factors) and the basis: the uninterrupted run's, bit for bit
+    got_state, want_state = (read_tensors(d / STATE_FILE)[0] for d in (run, fsdp_run))
+    assert sorted(got_state) == sorted(want_state)
+    for k, v in want_state.items():
+        assert torch.equal(got_state[k], v), k
+    res, ref = (json.loads((d / "results.json").read_text()) for d in (run, fsdp_run))
+    assert res["ppl"] == ref["ppl"] and res["val_ppl"] == ref["val_ppl"] and res["stop_step"] == ref["stop_step"]

@@ -74,16 +74,42 @@ def fsdp_strategy(block_classes: list[str] | tuple[str, ...] = (), **kwargs: Any
                                             sharding_strategy=self.sharding_strategy,
                                             device_id=torch.device("cpu"), **self.kwargs)
 
+        def _full_state_dicts(self) -> Any:
+            """Lightning's full state dict context with ``offload_to_cpu=False``: on CPU the tensors are there
+            already, and offloading them goes wrong (both cases below)."""
+            from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                        FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
+                                        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
+
         def lightning_module_state_dict(self) -> dict[str, Any]:
             if self.root_device.type != "cpu":
                 return super().lightning_module_state_dict()
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            # offload_to_cpu=True (Lightning's choice) crashes gloo on CPU; the tensors are there already
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
+            with self._full_state_dicts():  # offload_to_cpu=True (Lightning's choice) crashes gloo on CPU
                 return self.model.state_dict()
+
+        def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+            """The optimizer's full state (rank 0; keyed by parameter id, as Lightning stores it).
+
+            Lightning gathers it with ``offload_to_cpu=True``. torch all-gathers every state of one flat
+            parameter (Adam's ``exp_avg``, then ``exp_avg_sq``) into one reused buffer and keeps views of it,
+            copied out only by the offload's ``.cpu()``, a no-op on CPU: every state of the LoRA factors then
+            held the last one gathered (measured: ``exp_avg`` was ``exp_avg_sq``, one storage), and a
+            ``resume=`` continued with a wrong Adam momentum. With ``offload_to_cpu=False`` torch clones each.
+            """
+            if self.root_device.type != "cpu" or self._state_dict_type != "full":
+                return super().optimizer_state(optimizer)
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp import OptimStateKeyType
+
+            optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+            with self._full_state_dicts():
+                state = FSDP.optim_state_dict(self.model, optimizer)
+                if self.global_rank == 0:
+                    state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
 
     kwargs.setdefault("use_orig_params", True)
     return ACIPFSDPStrategy(auto_wrap_policy=DecoderBlockPolicy(tuple(block_classes)), **kwargs)
