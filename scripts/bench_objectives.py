@@ -8,7 +8,9 @@ candidates and are never trained on by any compared run:
 
 * ``sg_val``: a fresh draw of the self-generated data (``conf/data/self_generated.yaml``'s sampler on
   the run's model with the same settings and another seed, ``--sg-val-seed``): the training data's
-  distribution, sampled for validation. (A run's own validation split of the self-generated data is
+  distribution, sampled for validation. One such draw for every distinct sampler the compared runs
+  trained on (``sg_chat_val`` for ``seed_text: chat``), so every candidate's training distribution
+  is in the aggregate. (A run's own validation split of the self-generated data is
   not usable across runs: a ``data=mix`` run carves its split from the mixture, so it trains on most
   of what a ``data=self_generated`` run sets aside.)
 * ``kjv_val``: the validation split that a run with the default ``eval`` settings sets aside from
@@ -23,7 +25,7 @@ standard-library source code. Every run is evaluated on the same windows with ``
 decides which directions are active), with its adapters and, with ``--no-adapters``, without them
 (LoRA B zeroed, so every layer is lifted as ``adapters=False``) and as the default export
 (``auto``: per ratio, the run's recorded ``adapters="auto"`` decision). The validation aggregate is
-the geometric mean of ppl / fp32 over both validation domains and all ratios; lower is better.
+the geometric mean of ppl / fp32 over every validation domain and all ratios; lower is better.
 """
 from __future__ import annotations
 
@@ -46,37 +48,61 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC_MODULES = ["textwrap", "csv", "fractions", "shlex", "heapq", "bisect"]
 
 
-def _sg_node(runs: list[Path], seed: int = 0):
-    """The self-generated data node and the config around it: from the first run trained on it (alone
-    or as a ``data=mix`` component), else ``conf/data/self_generated.yaml`` on SmolLM2 with
-    ``conf/compress.yaml``'s eval section."""
+def _sg_in(cfg) -> list:
+    """The self-generated data nodes a run config trains on (alone or as ``data=mix`` components)."""
+    node = cfg.data
+    if str(node.get("_target_", "")).endswith("sources.mix"):
+        return [c.data for c in node.components.values() if str(c.data.get("_target_", "")).endswith("self_generated")]
+    return [node] if str(node.get("_target_", "")).endswith("self_generated") else []
+
+
+def _sg_name(node) -> str:
+    """``sg_val`` for the sampler prompted from KJV (the first default), ``sg_<seed_text>_val`` otherwise."""
+    st = node.get("seed_text", "kjv")
+    return "sg_val" if st == "kjv" else f"sg_{st if isinstance(st, str) else 'files'}_val"
+
+
+def _sg_nodes(runs: list[Path], seed: int = 0) -> list[tuple]:
+    """Every distinct self-generated sampler the runs trained on, with the config around it (the first
+    run's that uses it), in the order met; without any, ``conf/data/self_generated.yaml`` on SmolLM2
+    with ``conf/compress.yaml``'s eval section."""
+    out: dict[str, tuple] = {}
     for run in runs:
         cfg = OmegaConf.load(run / "config.yaml")
-        node = cfg.data
-        if str(node.get("_target_", "")).endswith("sources.mix"):
-            node = next((c.data for c in node.components.values()
-                         if str(c.data.get("_target_", "")).endswith("self_generated")), None)
-        if node is not None and str(node.get("_target_", "")).endswith("self_generated"):
-            return node, cfg
-    cfg = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
-                            "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml"),
-                            "eval": OmegaConf.load(ROOT / "conf/compress.yaml").eval})
-    return cfg.data, cfg
+        for node in _sg_in(cfg):
+            out.setdefault(_sg_name(node), (node, cfg))
+    if not out:
+        cfg = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
+                                "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml"),
+                                "eval": OmegaConf.load(ROOT / "conf/compress.yaml").eval})
+        out["sg_val"] = (cfg.data, cfg)
+    return [(name, node, cfg) for name, (node, cfg) in out.items()]
 
 
-def sg_validation_draw(runs: list[Path], seed: int, sequences: int = 64) -> list[str]:
-    """``sequences`` fresh samples of the self-generated sampler with another ``seed`` (cached like any
-    other draw): the same settings and model as the runs' self-generated data, never trained on."""
-    node, cfg = _sg_node(runs)
+def _sg_node(runs: list[Path], seed: int = 0):
+    """The first self-generated data node and its config (:func:`_sg_nodes`)."""
+    _, node, cfg = _sg_nodes(runs, seed)[0]
+    return node, cfg
+
+
+def sg_validation_draw(runs: list[Path], seed: int, sequences: int = 64, node=None, cfg=None) -> list[str]:
+    """``sequences`` fresh samples of a self-generated sampler (``node``; default the runs' first) with
+    another ``seed`` (cached like any other draw): the same settings and model as that training data,
+    never trained on."""
+    if node is None:
+        node, cfg = _sg_node(runs)
     if int(seed) == int(OmegaConf.select(cfg, "seed", default=0)) or int(seed) == int(node.get("seed", 0)):
         raise SystemExit(f"--sg-val-seed={seed} is the training data's own seed: choose another")
-    draw = OmegaConf.merge(cfg, {"data": OmegaConf.to_container(node, resolve=True)})
+    draw = OmegaConf.merge(cfg, {})  # the node replaces the run's data (a data=mix run's included)
+    draw.data = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     draw.data.update({"seed": int(seed), "num_sequences": int(sequences), "heldout_fraction": 0.5, "teacher_topk": 0})
     train, held = instantiate(draw.data, _recursive_=False)
     return list(train) + list(held)
 
 
 def domains(runs: list[Path], tok, sg_seed: int) -> dict[str, list[str]]:
+    """Validation domains (one fresh draw per distinct self-generated sampler of the runs, and
+    ``kjv_val``), each without any text a compared run trained on; then the held-out domains."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_quality import pydoc_texts, run_training_texts
 
@@ -85,18 +111,20 @@ def domains(runs: list[Path], tok, sg_seed: int) -> dict[str, list[str]]:
     from acip.train.run import run_validation_split
 
     src = [inspect.getsource(importlib.import_module(m)) for m in SRC_MODULES]
-    _, cfg = _sg_node(runs)
+    samplers = _sg_nodes(runs)
     train, held = acip.data.kjv_split()
-    val = {"sg_val": sg_validation_draw(runs, sg_seed), "kjv_val": run_validation_split(cfg, list(train), tok)[1]}
+    val = {name: sg_validation_draw(runs, sg_seed, node=node, cfg=cfg) for name, node, cfg in samplers}
+    val["kjv_val"] = run_validation_split(samplers[0][2], list(train), tok)[1]
     seen: set[str] = set().union(*(set(run_training_texts(r, tok)) for r in runs))
     for d, texts in val.items():
         kept = [t for t in texts if t not in seen]
         print(f"{d}: {len(texts)} texts, {len(texts) - len(kept)} removed (trained on by a compared run)", flush=True)
         val[d] = kept
+    VALIDATION[:] = list(val)
     return {**val, "kjv_heldout": list(held), "pydoc": pydoc_texts(), "pysrc": src}
 
 
-VALIDATION = ("sg_val", "kjv_val")
+VALIDATION = ["sg_val", "kjv_val"]  # the validation domains of this comparison (domains() sets them)
 
 
 def sweep(pm, tok, wins: dict[str, torch.Tensor], ratios: list[float], adapters: bool) -> dict[str, dict[float, float]]:
