@@ -20,7 +20,8 @@ def _tiny_llama_dir(path: Path) -> Path:
 
 
 def _write_tiny_llama_gguf(path: Path, vocab: int = 96, hidden: int = 64, inter: int = 128, layers: int = 2,
-                           heads: int = 4, kv: int = 2) -> Path:
+                           heads: int = 4, kv: int = 2, tokenizer: bool = False) -> Path:
+    """A random Q8_0 Llama GGUF; ``tokenizer``: with a byte-level BPE vocabulary (``vocab`` tokens, 3 merges)."""
     import gguf
     from gguf.quants import quantize
 
@@ -37,6 +38,17 @@ def _write_tiny_llama_gguf(path: Path, vocab: int = 96, hidden: int = 64, inter:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     w.add_rope_dimension_count(hidden // heads)
+    if tokenizer:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tokens = list(bytes_to_unicode().values())[: vocab - 6] + ["ab", "cd", "abcd"] + special
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (vocab - 3) + [3] * 3)
+        w.add_token_merges(["a b", "c d", "ab cd"])
+        w.add_bos_token_id(vocab - 2)
+        w.add_eos_token_id(vocab - 1)
 
     def q8(name: str, shape: tuple[int, int]) -> None:
         a = rng.standard_normal(shape).astype(np.float32) * 0.05
@@ -115,6 +127,33 @@ def test_gguf_streams_tensor_by_tensor_like_transformers(tmp_path, monkeypatch, 
     assert model.acip_source["kind"] == "gguf" and getattr(model.config, "quantization_config", None) is None
     model.save_pretrained(tmp_path / "saved")  # not flagged as quantized
     assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+def test_gguf_metadata_is_parsed_once_and_the_name_map_built_once(tmp_path, monkeypatch):
+    """One gguf-py parse of the file for the tokenizer, the config and the tensors (there were four: 9 s
+    each for SmolLM2), one tensor name map (there was one per module: 397 for SmolLM2); the same
+    tokenizer, config and weights as transformers' own loads; transformers and gguf-py left as they were."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    g = _write_tiny_llama_gguf(tmp_path / "tiny.gguf", tokenizer=True)
+    ref_tok = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=g.name)
+    ref = base.clean_copy(tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=g.name, dtype=torch.float32))
+    originals = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint)
+    parses, name_maps = [], []
+    reader_init, map_init = gguf.GGUFReader.__init__, gguf.TensorNameMap.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(a) or reader_init(self, *a, **k))
+    monkeypatch.setattr(gguf.TensorNameMap, "__init__", lambda self, *a, **k: name_maps.append(a) or map_init(self, *a, **k))
+    with monkeypatch.context() as m:
+        m.setattr(tf.AutoModelForCausalLM, "from_pretrained", _refuse_fallback)
+        model, tok = acip.load_base(str(g), dtype=torch.float32)
+    assert len(parses) == 1 and len(name_maps) == 1, (parses, name_maps)
+    _same(model, ref)
+    assert model.config.to_diff_dict() == ref.config.to_diff_dict()
+    text = "abcd ab cd<|im_end|>"
+    assert type(tok) is type(ref_tok) and tok(text).input_ids == ref_tok(text).input_ids
+    assert tok.get_vocab() == ref_tok.get_vocab() and tok.eos_token == ref_tok.eos_token == "<|im_end|>"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint) == originals
 
 
 def test_chunked_builtin_assembles_and_checks_its_hash(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -248,29 +249,109 @@ def _gguf_rows(tensor: _GGUFTensor, f: Any, processor: Any, key_map: dict[str, s
         yield r, result.weights, result.name
 
 
-def _stream_gguf(path: Path, dtype: torch.dtype) -> nn.Module | None:
+class _GGUFHeader(NamedTuple):
+    """A GGUF file's metadata, parsed once for the whole load (:func:`_read_gguf_header`)."""
+
+    path: Path
+    parsed: dict[str, Any]  # transformers' load_gguf_checkpoint(path, return_tensors=False)
+    architecture: str
+    tensors: list[_GGUFTensor]
+
+
+def _same_file(a: Any, b: Path) -> bool:
+    return Path(a).resolve() == b.resolve()
+
+
+_PATCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name = value`` inside the block, restored on exit; one such block at a time across
+    threads (two loads restoring out of order would leave one's patch in place)."""
+    with _PATCH_LOCK:
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            setattr(owner, name, saved)
+
+
+def _read_gguf_header(path: Path) -> _GGUFHeader:
+    """Parse the metadata of the GGUF file ``path`` once: one gguf-py ``GGUFReader`` (9 s for SmolLM2:
+    a numpy view per element of its 49k-token vocabulary and merges), which transformers'
+    ``load_gguf_checkpoint`` reads instead of opening its own, and the tensor table taken from it.
+    The reader is dropped before this returns."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    reader_class = gguf.GGUFReader
+    reader = reader_class(str(path))
+
+    def shared(file: Any, *args: Any, **kwargs: Any) -> Any:  # load_gguf_checkpoint imports it at call time
+        return reader if not args and not kwargs and _same_file(file, path) else reader_class(file, *args, **kwargs)
+
+    with _patched(gguf, "GGUFReader", shared):
+        parsed = gguf_utils.load_gguf_checkpoint(str(path), return_tensors=False)
+    arch = gguf_utils.read_field(reader, "general.architecture")[0]
+    tensors = [_GGUFTensor(t.name, t.tensor_type, int(t.n_elements), int(t.data_offset), t.data.dtype,
+                           tuple(int(d) for d in t.data.shape)) for t in reader.tensors]
+    del reader, shared
+    _trim_heap()
+    return _GGUFHeader(path, parsed, arch, tensors)
+
+
+@contextlib.contextmanager
+def _gguf_metadata_from(header: _GGUFHeader) -> Iterator[None]:
+    """Inside the block, transformers' ``load_gguf_checkpoint(header.path, return_tensors=False)`` (what
+    ``AutoConfig`` and ``AutoTokenizer`` call for a GGUF file; each used to parse it again) returns a
+    deep copy of ``header.parsed`` (callers pop keys). Any other call goes to transformers."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    real = gguf_utils.load_gguf_checkpoint
+
+    def load_gguf_checkpoint(file: Any, return_tensors: bool = False, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if return_tensors or args or kwargs or not _same_file(file, header.path):
+            return real(file, return_tensors, *args, **kwargs)
+        return copy.deepcopy(header.parsed)
+
+    with _patched(gguf_utils, "load_gguf_checkpoint", load_gguf_checkpoint):
+        yield
+
+
+def _gguf_weights_map(model: nn.Module, processor: Any) -> dict[str, str]:
+    """transformers' ``get_gguf_hf_weights_map`` (GGUF name -> state-dict name), with gguf-py's tensor
+    name map built once: transformers walks every submodule and asks for a new one each time (397
+    for SmolLM2, 14 ms each); the map depends only on (architecture, block count) and is only read."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with _patched(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)):
+        return get_gguf_hf_weights_map(model, processor)
+
+
+def _without_tokenizer(parsed: dict[str, Any]) -> dict[str, Any]:
+    """``parsed`` without its vocabulary and merges: the tensor processors read ``parsed["config"]``
+    (and some write ``parsed["tensors"]``), never the tokenizer."""
+    return {k: v for k, v in parsed.items() if k not in ("tokenizer", "tokenizer_config")}
+
+
+def _stream_gguf(header: _GGUFHeader, dtype: torch.dtype) -> nn.Module | None:
     """Load a ``.gguf`` file tensor by tensor: de-quantize one tensor (or a block of the embedding's
     rows), apply transformers' own per-architecture tensor processor and name map, convert to
     ``dtype`` and copy it into place. ``None`` when the file does not map one-to-one."""
-    from gguf import GGUFReader
     from transformers import AutoConfig
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    config = clean_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    # the processors read parsed["config"] (and some write parsed["tensors"]), never the tokenizer
-    parsed = {k: v for k, v in parsed.items() if k not in ("tokenizer", "tokenizer_config")}
-    reader = GGUFReader(str(path))
-    arch = read_field(reader, "general.architecture")[0]
-    tensors = [_GGUFTensor(t.name, t.tensor_type, int(t.n_elements), int(t.data_offset), t.data.dtype,
-                           tuple(int(d) for d in t.data.shape)) for t in reader.tensors]
-    del reader
-    _trim_heap()
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+    path, tensors = header.path, header.tensors
+    with _gguf_metadata_from(header):
+        config = clean_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+    parsed = copy.deepcopy(_without_tokenizer(header.parsed))  # some processors write parsed["tensors"]
+    processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=parsed.get("config", {}))
     try:  # an architecture this path cannot map: transformers' own loader decides
         model = _empty_model(config, dtype)
-        key_map = get_gguf_hf_weights_map(model, processor)
+        key_map = _gguf_weights_map(model, processor)
     except (ValueError, KeyError, NotImplementedError):
         return None
     rowwise = type(processor).__name__ in _ROWWISE_PROCESSORS
@@ -371,16 +452,20 @@ def _load_dir(path: str | Path, dtype: torch.dtype, gguf_file: str | None = None
 
     # The tokenizer first: its build's transient (twice what it keeps, 0.9x of Gemma 3's bf16
     # bytes) then comes before the model is resident, not on top of it.
+    # A GGUF file's metadata is parsed once, here, for the tokenizer, the config and the tensors.
+    local = Path(path)
+    header = _read_gguf_header(local / gguf_file) if gguf_file else None
     tok_kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tok = _slim_tokenizer(AutoTokenizer.from_pretrained(str(path), **tok_kw))
+        with _gguf_metadata_from(header) if header is not None else contextlib.nullcontext():
+            tok = _slim_tokenizer(AutoTokenizer.from_pretrained(str(path), **tok_kw))
     except (OSError, ValueError):
         tok = None
     _trim_heap()
-    local = Path(path)
     model = None
-    if gguf_file:
-        model = _stream_gguf(local / gguf_file, dtype)
+    if header is not None:  # the tokenizer is built: its lists go before the model is allocated
+        model = _stream_gguf(header._replace(parsed=_without_tokenizer(header.parsed)), dtype)
+        del header
     elif local.is_dir():
         model = _stream_safetensors(local, dtype)
     if model is None:
