@@ -271,8 +271,7 @@ def test_text_rows_get_the_dense_models_top_k_before_parametrizing_and_train_wit
     """A run on packed text with objective.teacher_topk: the lazy build gives the datamodule's rows the
     dense model's top-k first, batches carry it, and the step never runs the dense teacher."""
     import acip
-    from acip.train.data import PackedTextDataModule
-    from acip.train.run import parametrizer
+    from acip.train.run import attach_teacher, parametrizer
     from test_train_module import tiny_data
 
     dm = tiny_data(4)
@@ -284,13 +283,13 @@ def test_text_rows_get_the_dense_models_top_k_before_parametrizing_and_train_wit
 
     def teacher(m):
         seen.append(type(m.model.layers[0].self_attn.q_proj).__name__)  # still the dense nn.Linear
-        assert dm.attach_teacher(m, objective.teacher_topk, objective.teacher_dtype)
+        assert attach_teacher(dm, m, objective.teacher_topk, objective.teacher_dtype)
 
     pm = parametrizer(base, acip.ACIPConfig(), None, torch.random.get_rng_state(), teacher=teacher)("cpu")
     assert seen == ["Linear"]
     assert torch.equal(dm.extras["teacher_ids"].long(), want_ids)
     assert torch.allclose(dm.extras["teacher_logp"], want_logp, atol=1e-6)
-    assert not dm.attach_teacher(base, 8)  # rows that carry a teacher keep it
+    assert not attach_teacher(dm, base, 8)  # rows that carry a teacher keep it
     dm.total_steps = 1
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "teacher_ids", "teacher_logp"}

@@ -625,24 +625,6 @@ class PackedTextDataModule(pl.LightningDataModule):
             self.sequences = seqs
         return self.sequences
 
-    def attach_teacher(self, model: Any, k: int, dtype: str = "float16", model_key: Any = None) -> bool:
-        """Give the packed rows the base model's top-``k`` (``extras``: ``teacher_ids`` / ``teacher_logp``)
-        unless they carry a teacher already (:func:`acip.train.sources.packed_teacher_topk`; ``model``: the
-        uncompressed model on its device). False for a streamed dataset (never packed whole: the objective
-        runs the dense teacher every step) and for rows that already carry one."""
-        from .sources import packed_teacher_topk
-
-        seqs = self.prepare()
-        if seqs is None:
-            print("[acip] streamed training data: no cached teacher top-k, the dense teacher runs every step",
-                  flush=True)
-            return False
-        if "teacher_ids" in self.extras:
-            return False
-        ids, logp = packed_teacher_topk(model, seqs, int(k), dtype, model_key=model_key)
-        self.extras = {"teacher_ids": ids, "teacher_logp": logp}
-        return True
-
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 

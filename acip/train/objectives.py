@@ -21,7 +21,7 @@ fp32 task loss the L1 term is added to, ``parts`` its named components as floats
   so at initialisation KD is ~0 (the reconstruction error), not exactly 0. ``teacher_topk = K > 0``
   gives any other training data (packed text) the same cache: the base model's top-K at every
   position of the packed rows, computed once before the run parametrizes the model
-  (:func:`acip.train.sources.packed_teacher_topk`, cached on disk by the rows' checksum).
+  (:func:`acip.train.sources.packed_teacher_topk` via :func:`acip.train.run.attach_teacher`, cached on disk by the rows' checksum).
 """
 from __future__ import annotations
 

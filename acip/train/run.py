@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["train", "build", "validate", "prepare", "acip_config", "find_checkpoint", "setup_wandb_env",
+__all__ = ["train", "build", "validate", "prepare", "attach_teacher", "acip_config", "find_checkpoint", "setup_wandb_env",
            "rank_from_env", "RunDirectoryError", "RUN_MARKERS", "parametrizer"]
 
 RUN_MARKERS = ("config.yaml", "acip_config.json")  # a directory holding one of these holds a run
@@ -213,13 +213,32 @@ def prepare(cfg: DictConfig, run_dir: Path, plan: dict[str, Any]) -> dict[str, A
     teacher = None
     if getattr(objective, "uses_teacher", False) and getattr(objective, "teacher_topk", 0):
         def teacher(m: Any) -> None:  # the base model's top-k on the packed rows, before parametrizing
-            dm.attach_teacher(m, objective.teacher_topk, objective.teacher_dtype, model_key=cfg.model)
+            attach_teacher(dm, m, objective.teacher_topk, objective.teacher_dtype, model_key=cfg.model)
     module = ACIPModule(None, lr=a.lr, lora_lr=a.lora_lr, weight_decay=a.weight_decay, schedule=schedule,
                         meta={"run_dir": str(run_dir)},
                         build=parametrizer(model, config, calib, torch.random.get_rng_state(), teacher=teacher),
                         objective=objective)
     return {"module": module, "datamodule": dm, "tokenizer": tok, "train_texts": calib_texts,
             "heldout_texts": heldout_texts, "val_texts": val_texts}
+
+
+def attach_teacher(dm: Any, model: Any, k: int, dtype: str = "float16", model_key: Any = None) -> bool:
+    """Give the packed rows of the datamodule ``dm`` the base model's top-``k`` (its ``extras``:
+    ``teacher_ids`` / ``teacher_logp``) unless they carry a teacher already
+    (:func:`acip.train.sources.packed_teacher_topk`; ``model``: the uncompressed model on its device).
+    False for a streamed dataset (never packed whole: the objective runs the dense teacher every
+    step) and for rows that already carry one."""
+    from .sources import packed_teacher_topk
+
+    seqs = dm.prepare()
+    if seqs is None:
+        print("[acip] streamed training data: no cached teacher top-k, the dense teacher runs every step", flush=True)
+        return False
+    if "teacher_ids" in dm.extras:
+        return False
+    ids, logp = packed_teacher_topk(model, seqs, int(k), dtype, model_key=model_key)
+    dm.extras = {"teacher_ids": ids, "teacher_logp": logp}
+    return True
 
 
 def run_validation_split(cfg: Any, train_texts: Any, tokenizer: Any) -> tuple[Any, list[str]]:
