@@ -1,7 +1,7 @@
 """Compare finished runs on the validation splits of the training data, and on held-out text.
 
     python scripts/bench_objectives.py RUN_DIR [RUN_DIR ...] [--labels A B ...] [--windows 8]
-                                       [--ratios 0.9 0.8 0.6] [--no-adapters]
+                                       [--ratios 0.9 0.8 0.6] [--no-adapters] [--only A ...]
 
 Validation domains (the ones a choice of settings may look at) come from the *training* data of the
 candidates and are never trained on by any compared run:
@@ -33,6 +33,7 @@ import argparse
 import inspect
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -62,15 +63,27 @@ def _sg_name(node) -> str:
     return "sg_val" if st == "kjv" else f"sg_{st if isinstance(st, str) else 'files'}_val"
 
 
+DISTRIBUTION = ("model", "seq_len", "temperature", "top_p", "top_k", "prompt_fraction", "prompt_tokens", "seed_text")
+
+
 def _sg_nodes(runs: list[Path], seed: int = 0) -> list[tuple]:
     """Every distinct self-generated sampler the runs trained on, with the config around it (the first
     run's that uses it), in the order met; without any, ``conf/data/self_generated.yaml`` on SmolLM2
     with ``conf/compress.yaml``'s eval section."""
     out: dict[str, tuple] = {}
+    seen: dict[str, str] = {}  # the sampler's settings (seed aside) -> its domain name
     for run in runs:
         cfg = OmegaConf.load(run / "config.yaml")
         for node in _sg_in(cfg):
-            out.setdefault(_sg_name(node), (node, cfg))
+            c = OmegaConf.to_container(node, resolve=True)
+            key = json.dumps({k: c.get(k) for k in DISTRIBUTION}, sort_keys=True, default=str)
+            if key in seen:
+                continue
+            name = _sg_name(node)
+            if name in out:  # the same prompts with other settings: named by its prompted share
+                name = f"{name[:-4]}_pf{float(node.get('prompt_fraction', 0.5)):g}_val"
+            seen[key] = name
+            out.setdefault(name, (node, cfg))
     if not out:
         cfg = OmegaConf.create({"seed": seed, "model": OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml"),
                                 "data": OmegaConf.load(ROOT / "conf/data/self_generated.yaml"),
@@ -97,7 +110,9 @@ def sg_validation_draw(runs: list[Path], seed: int, sequences: int = 64, node=No
     draw.data = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     draw.data.update({"seed": int(seed), "num_sequences": int(sequences), "heldout_fraction": 0.5, "teacher_topk": 0})
     train, held = instantiate(draw.data, _recursive_=False)
-    return list(train) + list(held)
+    texts = list(train) + list(held)
+    random.Random(int(seed)).shuffle(texts)  # the windows are cut from the start: every batch's kind of row in them
+    return texts
 
 
 def domains(runs: list[Path], tok, sg_seed: int) -> dict[str, list[str]]:
@@ -164,6 +179,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--sg-from", type=Path, help="take the self-generated sampler's settings from this run's config")
     ap.add_argument("--sg-val-seed", type=int, default=1000, help="seed of the fresh self-generated validation draw")
+    ap.add_argument("--only", nargs="+", metavar="LABEL",
+                    help="evaluate only these runs; every run given still shapes the domains, so two processes "
+                         "with the same runs and different --only measure on the same windows (one per core)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine_header(("transformers", "acip")))
@@ -178,7 +196,11 @@ def main() -> None:
     wins = {d: token_windows(tok, t, args.seq_len, args.windows) for d, t in texts.items()}
     res: dict = {}
     fp32: dict[str, float] = {}
+    if args.only and not set(args.only) <= set(labels):
+        raise SystemExit(f"--only {sorted(set(args.only) - set(labels))}: not among the labels {labels}")
     for label, run in zip(labels, args.runs):
+        if args.only and label not in args.only:
+            continue
         pm = acip.load(run)
         if not fp32:
             with torch.no_grad(), pm.dense_view():
