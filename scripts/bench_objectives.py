@@ -108,7 +108,10 @@ def sg_validation_draw(runs: list[Path], seed: int, sequences: int = 64, node=No
         raise SystemExit(f"--sg-val-seed={seed} is the training data's own seed: choose another")
     draw = OmegaConf.merge(cfg, {})  # the node replaces the run's data (a data=mix run's included)
     draw.data = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-    draw.data.update({"seed": int(seed), "num_sequences": int(sequences), "heldout_fraction": 0.5, "teacher_topk": 0})
+    # prompts are given per batch (round(batches x prompt_fraction) of them): four batches, so that a
+    # fraction of 0.5 prompts half the rows (one batch of 64 rows would have prompted none)
+    draw.data.update({"seed": int(seed), "num_sequences": int(sequences), "heldout_fraction": 0.5, "teacher_topk": 0,
+                      "batch_size": max(1, int(sequences) // 4)})
     train, held = instantiate(draw.data, _recursive_=False)
     texts = list(train) + list(held)
     random.Random(int(seed)).shuffle(texts)  # the windows are cut from the start: every batch's kind of row in them
