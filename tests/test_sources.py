@@ -151,7 +151,15 @@ def test_mix_weights_by_characters_and_unites_the_held_out_parts():
         mix({"a": {"weight": 0.0, "data": a}})
 
 
-def test_data_configs_compose_and_build(loads):
+def test_data_configs_compose_and_build(loads, monkeypatch):
+    counted = models.tiny_llama  # the default mix prompts from the chat template: give the tiny tokenizer one
+
+    def with_template(**kw):
+        m, tok = counted(**kw)
+        tok.chat_template = CHAT
+        return m, tok
+
+    monkeypatch.setattr(models, "tiny_llama", with_template)
     root = OmegaConf.create({"seed": 0, "model": MODEL, "data": OmegaConf.load(CONF / "mix.yaml")})
     root.data.components.self_generated.data.update(SMALL)
     root.data.components.kjv.data.max_train_texts = 50
@@ -159,10 +167,11 @@ def test_data_configs_compose_and_build(loads):
     train, held = instantiate(root.data)
     assert len(loads) == 1 and len(train) > 5 and len(held) == 1 + 5
     sg = OmegaConf.create({"seed": 0, "model": MODEL, "data": OmegaConf.load(CONF / "self_generated.yaml")})
-    sg.data.update(SMALL)
+    sg.data.update({**SMALL, "seed_text": root.data.components.self_generated.data.seed_text})
     t2, h2 = instantiate(sg.data)
     assert len(loads) == 1, "data=self_generated and data=mix share the cache entry of the same settings"
     assert len(t2) == 5 and set(t2) <= set(train)
+    assert any(t.startswith("<|endoftext|>user") for t in t2)  # the chat rows of the default mix
 
 
 def test_sampler_records_the_teacher_top_k_of_every_position_as_a_full_forward_gives_it():
