@@ -115,8 +115,10 @@ class Distillation:
         if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or teacher_topk < 0:
             raise ValueError(f"objective.teacher_topk must be an integer >= 0 (0: the dense teacher every step), "
                              f"got {teacher_topk!r}")
-        if teacher_dtype not in ("float16", "float32"):
-            raise ValueError(f"objective.teacher_dtype must be float16 or float32, got {teacher_dtype!r}")
+        from .sources import TEACHER_DTYPES
+
+        if teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"objective.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {teacher_dtype!r}")
         self.temperature, self.kd_weight, self.ce_weight = float(temperature), float(kd_weight), float(ce_weight)
         # Training rows that carry no cached teacher get the base model's top-k once, before the run
         # parametrizes it (acip.train.sources.packed_teacher_topk); 0: the dense teacher forward every step.

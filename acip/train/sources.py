@@ -182,7 +182,6 @@ def packed_teacher_topk(model: Any, sequences: torch.Tensor, k: int, dtype: str 
     and (k, dtype), with per-tensor checksums, so a second run with the same data reads it.
     The rows take ``N * L * k * (4 + bytes(dtype))`` bytes; more than 4 GiB is refused.
     """
-    from acip.core.base import cache_dir
     from acip.core.io import ArtifactError, read_tensors, save_tensors
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -201,8 +200,7 @@ def packed_teacher_topk(model: Any, sequences: torch.Tensor, k: int, dtype: str 
     digest = hashlib.sha256(rows.numpy().tobytes()).hexdigest()
     ident = _model_identity(model_key) if model_key is not None else None
     key = {"version": CACHE_VERSION, "rows": digest, "shape": [n, length], "model": ident, "k": k, "dtype": dtype}
-    path = cache_dir() / "teacher_topk" / (
-        hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".safetensors")
+    path = cache_path(key, kind="teacher_topk")
     if cache and ident is not None and path.is_file():
         try:
             tensors, _ = read_tensors(path, what="teacher top-k cache")
@@ -281,11 +279,12 @@ def _model_identity(model: Any) -> dict:
     return ident
 
 
-def cache_path(key_fields: Mapping[str, Any]) -> Path:
+def cache_path(key_fields: Mapping[str, Any], kind: str = "self_generated") -> Path:
+    """``cache_dir() / kind / <20 hex digits of the sha256 of key_fields>.safetensors``."""
     from acip.core.base import cache_dir
 
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return cache_dir() / "self_generated" / f"{key}.safetensors"
+    return cache_dir() / kind / f"{key}.safetensors"
 
 
 def _decode(tokenizer: Any, rows: torch.Tensor, prefix_len: torch.Tensor) -> list[str]:
