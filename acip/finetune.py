@@ -35,7 +35,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -250,33 +250,43 @@ def post_tune_sampled(pm: Any, windows: torch.Tensor, steps: int, ratios: tuple[
             "loss_last": sum(losses[-k:]) / k, "time_s": time.perf_counter() - t0}
 
 
-def validation_texts(texts: Sequence[str], tokenizer: Any, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def validation_texts(texts: Sequence[str], tokenizer: Any, fraction: float,
+                     seed: int) -> tuple[Sequence[str], Sequence[str]]:
     """``(train_rest, val)``: a seeded random ``fraction`` of the training ``texts`` set aside (never trained on).
 
     :func:`acip.train.data.validation_split` with no token target, so the split is exactly
-    ``int(len(texts) * fraction)`` texts (at least one), kept in text order.
+    ``int(len(texts) * fraction)`` texts (at least one), kept in text order; lists, or
+    :class:`~acip.train.data.LabeledTexts` for a mixture's texts (labels kept).
     """
     from acip.train.data import validation_split
 
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
         raise ValueError(f"--val-fraction must be in (0, 1) (the share of the training texts set aside for "
                          f"validation), got {fraction!r}")
-    rest, val = validation_split(list(texts), tokenizer, 10 ** 12, max_fraction=float(fraction), seed=int(seed))
-    return list(rest), list(val)
+    rest, val = validation_split(texts, tokenizer, 10 ** 12, max_fraction=float(fraction), seed=int(seed))
+    return rest, val
 
 
-def decide_on_validation(pm: Any, windows: torch.Tensor, ratios: Sequence[float], log: Any = print) -> dict[str, bool]:
+def decide_on_validation(pm: Any, windows: torch.Tensor, ratios: Sequence[float], log: Any = print,
+                         parts: Mapping[str, torch.Tensor] | None = None) -> dict[str, bool]:
     """Re-measure ``adapters="auto"``: export ``pm`` at each ratio with and without its adapters, compare
-    perplexity on the validation ``windows`` and record the decision in ``pm.score_map``
-    (:func:`acip.export.auto.record_decision`). Returns it (``{"0.9": True, ...}``)."""
+    perplexity on the validation ``windows`` (and on each of ``parts``, ``{component: windows}`` of a
+    mixture, :func:`acip.train.data.part_windows`) and record the decision in ``pm.score_map``
+    (:func:`acip.export.auto.record_decision`: with parts, the adapters must help on every one).
+    Returns it (``{"0.9": True, ...}``)."""
     from acip.export.auto import record_decision
-    from acip.train.callbacks.final_eval import evaluate_score_maps
+    from acip.train.callbacks.final_eval import evaluate_score_maps, part_key
 
     sm = pm.score_map
+    parts = dict(parts or {})
     maps = {"acip_adapters": (sm, {"adapters": True}), "acip_no_adapters": (sm, {"adapters": False})}
-    ppl = evaluate_score_maps(maps, {"val": windows}, list(ratios), pm, log=log or (lambda *_: None))["ppl"]["val"]
-    return record_decision(sm, {r: {"adapters": ppl["acip_adapters"][r], "no_adapters": ppl["acip_no_adapters"][r]}
-                                for r in ratios})
+    wins = {"val": windows, **{part_key(p): w for p, w in parts.items()}}
+    ppl = evaluate_score_maps(maps, wins, list(ratios), pm, log=log or (lambda *_: None))["ppl"]
+
+    def pair(d: str) -> dict[float, dict[str, float]]:
+        return {r: {"adapters": ppl[d]["acip_adapters"][r], "no_adapters": ppl[d]["acip_no_adapters"][r]} for r in ratios}
+
+    return record_decision(sm, pair("val"), {p: pair(part_key(p)) for p in parts})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,6 +469,7 @@ def _ratio_sampled(ap: argparse.ArgumentParser, args: argparse.Namespace, run_di
     from acip.core.size import check_ratio
     from acip.eval.perplexity import token_windows
     from acip.export.auto import recorded_decisions
+    from acip.train.data import part_windows
     from acip.train.schedule import check_ratio_bounds
 
     if pm.score_map is None:
@@ -482,13 +493,14 @@ def _ratio_sampled(ap: argparse.ArgumentParser, args: argparse.Namespace, run_di
     objective, obj_name = _objective(cfg, args.objective)
     windows = token_windows(tok, train, args.seq_len, args.steps * args.batch_size)
     val_w = token_windows(tok, val, args.eval_seq_len, args.val_windows)
+    val_parts = part_windows(tok, val, args.eval_seq_len, args.val_windows)  # a mixture: each component too
     print(f"[acip] ratio-sampled post-tuning of {str(run_dir)!r}'s adapters, ratio ~ U[{bounds[0]:g}, {bounds[1]:g}] "
           f"per step, on {data_name} ({len(windows)} windows of {args.seq_len} tokens, {len(val)} of {len(val) + len(train)} "
           f"texts set aside for validation) with {obj_name}", flush=True)
     record = post_tune_sampled(pm, windows, args.steps, bounds, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                objective=objective, log_every=args.log_every)
     before = recorded_decisions(pm.score_map)
-    decision = decide_on_validation(pm, val_w, decide)
+    decision = decide_on_validation(pm, val_w, decide, parts=val_parts)
     record.update(data=data_name, objective=obj_name, run_dir=str(run_dir),
                   validation={"split": "train", "fraction": args.val_fraction, "seed": args.seed, "texts": len(val),
                               "windows": len(val_w), "seq_len": args.eval_seq_len},

@@ -89,6 +89,32 @@ def test_export_cli_in_a_fresh_process_writes_a_loadable_model_at_the_ratio(tmp_
                           env=child_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode != 0 and "adapters" in proc.stderr and "maybe" in proc.stderr
 
+def test_redecide_script_recreates_the_runs_own_validation_split(tmp_path):
+    """scripts/redecide_adapters.py on a finished run: the same split and so the same decision and
+    validation figures as the run's own final evaluation; the run directory is not written."""
+    from pathlib import Path
+
+    run = tiny_run()
+    state = (run / "acip_state.safetensors").read_bytes()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "redecide_adapters.py"
+    proc = subprocess.run([sys.executable, str(script), str(run), "--out", str(tmp_path / "new")], env=child_env(),
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "new" / "redecide.json").read_text())
+    res = json.loads((run / "results.json").read_text())
+    want = {r: v for r, v in res["adapters_auto"].items() if float(r) < 1.0}
+    assert rep["after"] == want and rep["val_parts"] is None  # data=kjv: one part, the pooled rule
+    assert rep["before"] == res["adapters_auto"]
+    for r in want:
+        assert rep["val"][r]["adapters"] == pytest.approx(res["val_ppl"]["acip_adapters"][r], rel=1e-5)
+        assert rep["val"][r]["no_adapters"] == pytest.approx(res["val_ppl"]["acip_no_adapters"][r], rel=1e-5)
+    assert (run / "acip_state.safetensors").read_bytes() == state and not (run / "redecide.json").exists()
+    assert acip.ScoreMap.load(tmp_path / "new" / "score_map.safetensors").meta["adapters_auto"] == rep["after"]
+    again = subprocess.run([sys.executable, str(script), str(run), "--out", str(tmp_path / "new")], env=child_env(),
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert again.returncode != 0 and "exists" in again.stderr
+
+
 
 @pytest.mark.parametrize("entry", ["module", "console_script"])
 def test_cfg_job_prints_the_resolved_config_from_any_directory(tmp_path, entry):

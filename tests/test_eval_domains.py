@@ -66,7 +66,7 @@ def test_final_evaluation_refuses_a_bad_domain_before_training(tmp_path):
 
     with pytest.raises(ValueError, match="unknown domain"):
         FinalEvaluation(tmp_path, None, ["a", "b"], domains=["heldout", "wikipedia"], val_texts=["v"])
-    with pytest.raises(ValueError, match="validation split's name"):
+    with pytest.raises(ValueError, match="name the validation split"):
         FinalEvaluation(tmp_path, None, ["a", "b"], domains=[{"name": "val", "texts": ["x"]}], val_texts=["v"])
     # the validation split is given (set aside from the training texts); the held-out split is reported whole
     ev = FinalEvaluation(tmp_path, None, [str(i) for i in range(10)], val_texts=["v1", "v2"])

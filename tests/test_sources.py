@@ -147,6 +147,8 @@ def test_mix_weights_by_characters_and_unites_the_held_out_parts():
     assert cb == 2000 and 600 <= ca <= 700  # b is the scarce one: all of it, and a at a third of that
     assert sorted(held) == ["ha", "hb1", "hb2"] and len(set(train)) == len(train)
     assert mix({"a": {"weight": 1.0, "data": a}, "b": {"weight": 3.0, "data": b}}, seed=0) == (train, held)
+    # every text carries its component's name (the validation split is measured component by component)
+    assert [t[0] for t in train] == train.labels and held.labels == ["a", "b", "b"]
     with pytest.raises(ValueError, match="weight"):
         mix({"a": {"weight": 0.0, "data": a}})
 

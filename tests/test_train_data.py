@@ -144,3 +144,34 @@ def test_the_validation_carve_keeps_token_rows_aligned():
         idx = [int(t.split()[1]) for t in part]
         assert torch.equal(part.tokens, rows.tokens[idx]) and torch.equal(part.teacher_ids, rows.teacher_ids[idx])
     assert validation_split(list(rows), byte_tokenizer(), 10, max_fraction=0.2, seed=0) == (list(rest), list(val))
+
+
+def test_a_mixture_keeps_its_labels_through_the_validation_carve():
+    import pickle
+
+    from acip.train.data import LabeledTexts, part_windows, text_parts, validation_split
+
+    texts = LabeledTexts([f"{k} text {i:02d} " + "z" * (i % 5) for i in range(30) for k in "ab"],
+                         [k for _ in range(30) for k in "ab"])
+    rest, val = validation_split(texts, byte_tokenizer(), n_tokens=60, max_fraction=0.3, seed=1)
+    assert isinstance(rest, LabeledTexts) and isinstance(val, LabeledTexts) and len(rest) + len(val) == 60
+    for part in (rest, val):  # every text keeps its own label
+        assert all(t[0] == lab for t, lab in zip(part, part.labels))
+    # the carve itself is the one of the plain texts: labelling a mixture changes no run's split
+    assert validation_split(list(texts), byte_tokenizer(), 60, max_fraction=0.3, seed=1) == (list(rest), list(val))
+    parts = text_parts(val)
+    assert set(parts) == {"a", "b"} and sorted(parts["a"] + parts["b"]) == sorted(val)
+    assert text_parts(list(val)) == {} and text_parts(LabeledTexts(["x", "y"], ["a", "a"])) == {}
+    wins = part_windows(byte_tokenizer(), val, seq_len=8, max_windows=3)
+    assert set(wins) == {"a", "b"} and all(w.shape[1] == 8 and 1 <= len(w) <= 3 for w in wins.values())
+    notes: list[str] = []
+    short = LabeledTexts(["a long enough text for two windows of eight", "b"], ["a", "b"])
+    assert set(part_windows(byte_tokenizer(), short, 8, None, log=notes.append)) == {"a"}
+    assert "'b'" in notes[0] and "left out" in notes[0]
+    again = pickle.loads(pickle.dumps(val))  # DDP ranks receive the data module pickled
+    assert isinstance(again, LabeledTexts) and again == val and again.labels == val.labels
+    assert isinstance(val[1:], LabeledTexts) and val[1:].labels == val.labels[1:]
+    with pytest.raises(ValueError, match="one label per text"):
+        LabeledTexts(["x", "y"], ["a"])
+    with pytest.raises(TypeError, match="read-only"):
+        val.append("c")

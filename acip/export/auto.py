@@ -8,6 +8,12 @@ the held-out evaluation domains), and records the decision in the score map's ``
 
     sm.meta["adapters_auto"]     = {"0.9": False, "0.8": False, "0.6": True, ...}
     sm.meta["adapters_auto_val"] = {"0.9": {"adapters": 61.2, "no_adapters": 40.3}, ...}   # val ppl
+    sm.meta["adapters_auto_val_parts"] = {"kjv": {"0.9": {...}}, "self_generated": {...}}  # data=mix
+
+A mixture's validation split (``data=mix``: :class:`acip.train.data.LabeledTexts`) is measured
+component by component as well, and the adapters are kept at a ratio only where they help on
+every component (:func:`record_decision`): the pooled split would let the component with the most
+tokens decide for all of them.
 
 :func:`decide_adapters` reads it back for ``acip.export(..., adapters="auto")`` (the default):
 
@@ -24,10 +30,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["AUTO_KEY", "VAL_KEY", "decide_adapters", "record_decision", "recorded_decisions"]
+__all__ = ["AUTO_KEY", "VAL_KEY", "PARTS_KEY", "decide_adapters", "record_decision", "recorded_decisions"]
 
 AUTO_KEY = "adapters_auto"
 VAL_KEY = "adapters_auto_val"
+PARTS_KEY = "adapters_auto_val_parts"
 
 
 def recorded_decisions(score_map: Any) -> dict[float, bool]:
@@ -54,13 +61,40 @@ def decide_adapters(pm: Any, score_map: Any, ratio: float | None) -> bool:
     return dec[max(at_or_below)] if at_or_below else dec[min(dec)]
 
 
-def record_decision(score_map: Any, val: Mapping[float, Mapping[str, float]]) -> dict[str, bool]:
+def record_decision(score_map: Any, val: Mapping[float, Mapping[str, float]],
+                    by_part: Mapping[str, Mapping[float, Mapping[str, float]]] | None = None) -> dict[str, bool]:
     """Store the decision from validation perplexities ``{ratio: {"adapters": p1, "no_adapters": p0}}``.
 
-    Adapters are used where they give a strictly lower validation perplexity. Returns the
-    decision as saved (ratio keys formatted with ``:g``).
+    Without ``by_part`` the adapters are used where they give a strictly lower perplexity on the
+    (pooled) validation split. With ``by_part = {part: {ratio: {"adapters": p1, "no_adapters": p0}}}``
+    (a mixture's validation split measured component by component, each part on its own windows),
+    they are used at ratio ``r`` only where they are strictly lower on **every** part:
+
+        adapters(r) = AND_c  [ p1_c(r) < p0_c(r) ]
+
+    The adapters are trained on the mixture as a whole, so the pooled split favours whichever part
+    holds the most tokens; a part that gets worse with them is a kind of training text the
+    adapters trade away, and the masks alone (no adapters) are the export that trades nothing.
+    Returns the decision as saved (ratio keys formatted with ``:g``); the pooled figures go to
+    ``meta[VAL_KEY]``, the per-part ones to ``meta[PARTS_KEY]``.
     """
-    dec = {f"{float(r):g}": bool(v["adapters"] < v["no_adapters"]) for r, v in val.items()}
+    def helps(v: Mapping[str, float]) -> bool:
+        return bool(v["adapters"] < v["no_adapters"])
+
+    parts = {str(p): dict(d) for p, d in (by_part or {}).items()}
+    for p, d in parts.items():
+        missing = [f"{float(r):g}" for r in val if r not in d]
+        if missing:
+            raise ValueError(f"record_decision: part {p!r} has no validation perplexity at ratio(s) {missing}")
+    dec = {f"{float(r):g}": helps(v) and all(helps(d[r]) for d in parts.values()) for r, v in val.items()}
+
+    def fmt(v: Mapping[float, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        return {f"{float(r):g}": {k: float(x) for k, x in e.items()} for r, e in v.items()}
+
     score_map.meta[AUTO_KEY] = dec
-    score_map.meta[VAL_KEY] = {f"{float(r):g}": {k: float(x) for k, x in v.items()} for r, v in val.items()}
+    score_map.meta[VAL_KEY] = fmt(val)
+    if parts:
+        score_map.meta[PARTS_KEY] = {p: fmt(d) for p, d in parts.items()}
+    else:
+        score_map.meta.pop(PARTS_KEY, None)
     return dec

@@ -29,8 +29,91 @@ __all__ = [
     "kjv_texts", "text_files", "hf_dataset", "pack_tokens", "PackedSequences", "StepSampler",
     "PackedTextDataModule", "DatasetTooSmallError", "TextStream", "PackedStream", "DatasetUnavailableError",
     "calibration_texts", "validation_split", "VALIDATION_SPLITS", "TokenRows", "vocab_digest",
-    "token_rows_sequences",
+    "token_rows_sequences", "LabeledTexts", "text_parts", "part_windows",
 ]
+
+
+class _ReadOnlyTexts(list):
+    """A read-only list of texts whose extra data (token rows, labels) follows each text: slicing
+    gives the same type through the subclass's ``select``; mutation is refused."""
+
+    def select(self, indices: Sequence[int]) -> "_ReadOnlyTexts":  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.select(range(len(self))[i])
+        return list.__getitem__(self, i)
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} is read-only (its extra data follows its texts); list(texts) is a "
+                        f"plain copy")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+
+
+class LabeledTexts(_ReadOnlyTexts):
+    """Texts that remember which part of the training data each came from: ``self[i]`` is a text,
+    ``labels[i]`` the name of its part (``data=mix`` labels every text with its component's name).
+
+    As a list it is the texts, so everything that reads texts reads it unchanged; :meth:`select`
+    (a validation carve) keeps the labels with their texts, and :func:`text_parts` groups them.
+    The validation split of a mixture is then measured part by part, so the adapters are chosen
+    for every kind of training text, not for whichever kind holds the most tokens
+    (:mod:`acip.export.auto`).
+    """
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[str]) -> None:
+        texts, labels = list(texts), [str(x) for x in labels]
+        if len(texts) != len(labels):
+            raise ValueError(f"LabeledTexts: one label per text, got {len(labels)} labels for {len(texts)} texts")
+        super().__init__(texts)
+        self.labels = labels
+
+    def select(self, indices: Sequence[int]) -> "LabeledTexts":
+        """The texts ``indices`` (in that order) with their labels."""
+        idx = [int(i) for i in indices]
+        if idx and (min(idx) < 0 or max(idx) >= len(self)):
+            raise IndexError(f"LabeledTexts.select: indices must be in [0, {len(self)}), got {min(idx)}..{max(idx)}")
+        return LabeledTexts([list.__getitem__(self, i) for i in idx], [self.labels[i] for i in idx])
+
+    def __reduce__(self) -> Any:
+        return (LabeledTexts, (list(self), self.labels))
+
+    def __repr__(self) -> str:
+        counts = {k: self.labels.count(k) for k in dict.fromkeys(self.labels)}
+        return f"LabeledTexts({len(self)} texts: {counts})"
+
+
+def text_parts(texts: Sequence[str]) -> dict[str, list[str]]:
+    """``{label: texts}`` of :class:`LabeledTexts` (labels in order of first appearance, texts in
+    their order); ``{}`` for plain texts or texts of a single part (nothing to tell apart)."""
+    if not isinstance(texts, LabeledTexts):
+        return {}
+    parts: dict[str, list[str]] = {}
+    for t, lab in zip(texts, texts.labels):
+        parts.setdefault(lab, []).append(t)
+    return parts if len(parts) > 1 else {}
+
+
+def part_windows(tokenizer: Any, texts: Sequence[str], seq_len: int, max_windows: int | None,
+                 log: Callable[[str], Any] | None = print) -> dict[str, torch.Tensor]:
+    """``{label: windows}``: :func:`acip.eval.perplexity.token_windows` of each part of
+    :class:`LabeledTexts` on its own (at most ``max_windows`` windows each). ``{}`` for plain texts
+    or a single part; a part too short for one window of ``seq_len`` tokens is left out, with a note
+    (it then has no say in what the parts choose)."""
+    from acip.eval.perplexity import token_windows
+
+    out: dict[str, torch.Tensor] = {}
+    for name, part in text_parts(texts).items():
+        try:
+            out[name] = token_windows(tokenizer, part, seq_len, max_windows)
+        except ValueError:
+            if log:
+                log(f"[acip] validation part {name!r}: {len(part)} text(s), fewer tokens than one window of "
+                    f"{seq_len}; left out of the per-part comparison")
+    return out
 
 
 class DatasetTooSmallError(ValueError):
@@ -46,7 +129,7 @@ def vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-class TokenRows(list):
+class TokenRows(_ReadOnlyTexts):
     """Training rows as exact tokens: a read-only list of their texts that carries the tensors.
 
     - ``tokens``: ``(N, L)`` int64, row ``i`` is the token sequence whose text is ``self[i]``;
@@ -98,17 +181,6 @@ class TokenRows(list):
 
         return TokenRows([list.__getitem__(self, int(i)) for i in idx], self.tokens[idx], pick(self.teacher_ids),
                          pick(self.teacher_logp), self.vocab)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return self.select(range(len(self))[i])
-        return list.__getitem__(self, i)
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("TokenRows is read-only (its texts match its token rows); list(rows) is a plain copy")
-
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
-    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
 
     def __reduce__(self) -> Any:
         return (TokenRows, (list(self), self.tokens, self.teacher_ids, self.teacher_logp, self.vocab))
@@ -298,7 +370,8 @@ def validation_split(texts: Any, tokenizer: Any, n_tokens: int, *, max_fraction:
     least one). Drawn at random rather than from the end, so a mixture (``data=mix``) or a text in
     book order gives a validation split with the training data's distribution. A
     :class:`TextStream`: its first texts holding ``n_tokens`` tokens, and a stream that skips them.
-    :class:`TokenRows`: the same subset of rows, both parts ``TokenRows`` (:meth:`TokenRows.select`).
+    :class:`TokenRows`: the same subset of rows, both parts ``TokenRows`` (:meth:`TokenRows.select`);
+    :class:`LabeledTexts` (a mixture): the same subset, both parts keep their labels.
     The run trains on ``train_rest`` only; the validation split chooses settings (the adapters per
     ratio, the sweep's metric), the held-out split only measures.
     """
@@ -325,7 +398,7 @@ def validation_split(texts: Any, tokenizer: Any, n_tokens: int, *, max_fraction:
         if have >= n_tokens:
             break
     chosen = set(picked)
-    if isinstance(rows, TokenRows):
+    if isinstance(rows, (TokenRows, LabeledTexts)):  # the tensors / labels stay with their texts
         return rows.select([i for i in range(len(rows)) if i not in chosen]), rows.select(sorted(chosen))
     return [t for i, t in enumerate(texts) if i not in chosen], [texts[i] for i in sorted(chosen)]
 

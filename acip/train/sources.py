@@ -471,15 +471,21 @@ def _generate(model: Any, tok: Any, s: Mapping[str, Any], progress: bool) -> tup
 
 
 # ------------------------------------------------------------------------------------------ mixtures
-def mix(components: Mapping[str, Any], seed: int = 0, max_chars: int | None = None) -> tuple[list[str], list[str]]:
+def mix(components: Mapping[str, Any], seed: int = 0,
+        max_chars: int | None = None) -> tuple["LabeledTexts", "LabeledTexts"]:
     """A weighted mixture of data groups: ``components = {name: {weight: w, data: <data node>}}``.
 
     Each component's training texts are shuffled (seeded) and cut so that the characters of the
     components stand in the ratio of their weights, as large as the scarcest component allows (and
     at most ``max_chars`` in all); the union is shuffled again. The held-out part is the union of
-    every component's held-out texts (each the validation split of that training data).
+    every component's held-out texts (each the validation split of that training data). Both are
+    :class:`~acip.train.data.LabeledTexts`: every text carries its component's name, so the run's
+    validation split is also measured component by component (the adapters per ratio are chosen
+    for every component, :mod:`acip.export.auto`).
     """
     from hydra.utils import instantiate
+
+    from .data import LabeledTexts
 
     if not components:
         raise ValueError("data.components is empty: name at least one {weight: w, data: {...}} component")
@@ -498,8 +504,8 @@ def mix(components: Mapping[str, Any], seed: int = 0, max_chars: int | None = No
     if max_chars is not None:
         scale = min(scale, float(max_chars))
     rng = random.Random(seed)
-    train_out: list[str] = []
-    heldout_out: list[str] = []
+    train_out: list[tuple[str, str]] = []  # (text, component)
+    heldout_out: list[tuple[str, str]] = []
     for name, (w, tr, ho) in parts.items():
         order = list(range(len(tr)))
         rng.shuffle(order)
@@ -507,8 +513,9 @@ def mix(components: Mapping[str, Any], seed: int = 0, max_chars: int | None = No
         for i in order:
             if used >= budget:
                 break
-            train_out.append(tr[i])
+            train_out.append((tr[i], name))
             used += len(tr[i])
-        heldout_out += ho
+        heldout_out += [(t, name) for t in ho]
     rng.shuffle(train_out)
-    return train_out, heldout_out
+    return (LabeledTexts([t for t, _ in train_out], [n for _, n in train_out]),
+            LabeledTexts([t for t, _ in heldout_out], [n for _, n in heldout_out]))

@@ -34,9 +34,19 @@ import torch
 
 from .. import plots
 
-__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key", "VAL"]
+__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key", "VAL", "part_key", "is_validation"]
 
 VAL = "val"  # the validation split's key among the windows (never a reported domain)
+
+
+def part_key(part: str) -> str:
+    """``val/<part>``: the key of one component's share of the validation split (``data=mix``)."""
+    return f"{VAL}/{part}"
+
+
+def is_validation(key: str) -> bool:
+    """True for the validation split (``val``) and its parts (``val/<part>``): chosen on, never reported."""
+    return key == VAL or key.startswith(VAL + "/")
 
 
 def metric_key(method: str, ratio: float, domain: str | None = None) -> str:
@@ -85,6 +95,12 @@ def evaluate_score_maps(score_maps: dict[str, Any], windows: torch.Tensor | Mapp
     return {"ppl": ppl["_"] if single else ppl, "measured_ratio": measured, "ranks": ranks, "adapters": used}
 
 
+def _check_names(domains: Sequence[str]) -> None:
+    if any(is_validation(d) for d in domains):
+        raise ValueError(f"eval.domains: {VAL!r} (and {VAL + '/...'!r}) name the validation split and its parts; "
+                         f"name the domain otherwise")
+
+
 def _gmean(values: Sequence[float]) -> float:
     vals = list(values)
     if not vals:
@@ -118,7 +134,11 @@ class FinalEvaluation(pl.Callback):
                              f"pass calib_texts or set eval.activation_aware_windows=0")
         self.calib_texts, self.calib_windows = list(calib_texts or []), int(calib_windows)
         self.no_adapters = bool(no_adapters)
-        self.val_texts, self.heldout_texts = list(val_texts), list(heldout_texts)
+        from ..data import LabeledTexts
+
+        # a mixture's split keeps its labels: each component is also measured on its own (part_windows)
+        self.val_texts = val_texts if isinstance(val_texts, LabeledTexts) else list(val_texts)
+        self.heldout_texts = list(heldout_texts)
         if not self.val_texts:
             raise ValueError("the final evaluation needs the validation split (val_texts: texts set aside from the "
                              "training data, acip.train.data.validation_split); got none")
@@ -128,8 +148,7 @@ class FinalEvaluation(pl.Callback):
         from acip.eval.domains import check_domains
 
         self.domain_specs = list(domains)
-        if VAL in check_domains(self.domain_specs):  # fail before training, not after it
-            raise ValueError(f"eval.domains: {VAL!r} is the validation split's name; name the domain otherwise")
+        _check_names(check_domains(self.domain_specs))  # fail before training, not after it
         self.results: dict[str, Any] | None = None
         self.t_start = time.time()
 
@@ -161,16 +180,20 @@ class FinalEvaluation(pl.Callback):
             self.results = out
 
     def windows(self) -> dict[str, torch.Tensor]:
-        """``{"val": ..., domain: ...}``: the first ``max_windows`` windows of each text."""
+        """``{"val": ..., "val/<part>": ..., domain: ...}``: the first ``max_windows`` windows of each
+        text (the validation split's: ``val_windows``, pooled and, for a mixture, per component)."""
         from acip.eval.domains import resolve_domains
         from acip.eval.perplexity import token_windows
 
+        from ..data import part_windows
+
         texts = resolve_domains(self.domain_specs, self.heldout_texts)
-        if VAL in texts:
-            raise ValueError(f"eval.domains: {VAL!r} is the validation split's name; name the domain otherwise")
+        _check_names(texts)
         own = {spec["name"]: int(spec["windows"]) for spec in self.domain_specs
                if isinstance(spec, Mapping) and spec.get("windows") is not None}  # {name: x, windows: 8}
         out = {VAL: token_windows(self.tokenizer, self.val_texts, self.seq_len, self.val_windows)}
+        for part, w in part_windows(self.tokenizer, self.val_texts, self.seq_len, self.val_windows).items():
+            out[part_key(part)] = w
         for name, t in texts.items():
             out[name] = token_windows(self.tokenizer, t, self.seq_len, own.get(name, self.max_windows))
         return out
@@ -200,7 +223,7 @@ class FinalEvaluation(pl.Callback):
         else:
             maps["acip"] = (sm, {"adapters": True})
         ev = evaluate_score_maps(maps, wins, self.ratios, pm)
-        reported = {d: w for d, w in wins.items() if d != VAL}  # the baselines choose nothing: no validation
+        reported = {d: w for d, w in wins.items() if not is_validation(d)}  # the baselines choose nothing
         if self.baseline:  # on a run in the activation-aware basis this *is* the activation-aware map
             base_map = ScoreMap.from_singular_values(pm)  # untrained: the adapters left out
             maps[base_map.method] = (base_map, {"adapters": False})
@@ -210,11 +233,14 @@ class FinalEvaluation(pl.Callback):
             for key in ("measured_ratio", "ranks", "adapters"):
                 ev[key].update(ev_base[key])
         auto: dict[float, bool] = {}
+        parts = [d for d in wins if is_validation(d) and d != VAL]
         if choose:
-            val = {r: {"adapters": ev["ppl"][VAL]["acip_adapters"][r], "no_adapters": ev["ppl"][VAL]["acip_no_adapters"][r]}
-                   for r in self.ratios}
-            record_decision(sm, val)
-            auto = {r: bool(val[r]["adapters"] < val[r]["no_adapters"]) for r in self.ratios}
+            def pair(d: str) -> dict[float, dict[str, float]]:
+                return {r: {"adapters": ev["ppl"][d]["acip_adapters"][r], "no_adapters": ev["ppl"][d]["acip_no_adapters"][r]}
+                        for r in self.ratios}
+
+            dec = record_decision(sm, pair(VAL), {d[len(VAL) + 1:]: pair(d) for d in parts})
+            auto = {r: dec[f"{float(r):g}"] for r in self.ratios}
             for key in ("ppl",):
                 for d in ev[key]:
                     col = {r: ev[key][d]["acip_adapters" if auto[r] else "acip_no_adapters"][r] for r in self.ratios}
@@ -237,7 +263,7 @@ class FinalEvaluation(pl.Callback):
             for key in ("measured_ratio", "ranks", "adapters"):
                 ev[key].update(ev_other[key])
         del extra_maps
-        domains = [d for d in wins if d != VAL]
+        domains = [d for d in wins if not is_validation(d)]
         primary = domains[0]
         below = [r for r in self.ratios if r < 1.0] or self.ratios
         val_mean = _gmean([ev["ppl"][VAL]["acip"][r] for r in below])
@@ -247,8 +273,10 @@ class FinalEvaluation(pl.Callback):
             "domains": domains,
             "primary_domain": primary,
             "ppl": {m: _keys(d) for m, d in ev["ppl"][primary].items()},
-            "ppl_by_domain": {dom: {m: _keys(d) for m, d in cols.items()} for dom, cols in ev["ppl"].items() if dom != VAL},
+            "ppl_by_domain": {dom: {m: _keys(d) for m, d in cols.items()} for dom, cols in ev["ppl"].items()
+                              if not is_validation(dom)},
             "val_ppl": {m: _keys(d) for m, d in ev["ppl"][VAL].items()},
+            "val_ppl_by_part": {p[len(VAL) + 1:]: {m: _keys(d) for m, d in ev["ppl"][p].items()} for p in parts},
             "val_ppl_mean": val_mean,
             "reference_ppl": {d: reference[d] for d in wins},
             "adapters_auto": _keys(auto) if auto else None,
@@ -284,8 +312,10 @@ class FinalEvaluation(pl.Callback):
         }
         notes = {"acip adapters": {r: ("on" if auto[r] else "off") for r in self.ratios}} if auto else None
         parts = []
-        for d in [*domains, VAL]:
-            what = "validation split (chooses the adapters; not reported as a domain)" if d == VAL else d
+        for d in [*domains, VAL, *parts]:
+            what = ("validation split (chooses the adapters; not reported as a domain)" if d == VAL else
+                    f"validation split, component {d[len(VAL) + 1:]!r} (the adapters must help on every component)"
+                    if is_validation(d) else d)
             parts.append(f"[acip] {what}: perplexity by size ratio (target layers)\n"
                          + format_table(ev["ppl"][d], reference=reference[d], ratios=self.ratios, suffix=" ppl",
                                         notes=notes))
