@@ -275,18 +275,15 @@ def decide_on_validation(pm: Any, windows: torch.Tensor, ratios: Sequence[float]
     (:func:`acip.export.auto.record_decision`: with parts, the adapters must help on every one).
     Returns it (``{"0.9": True, ...}``)."""
     from acip.export.auto import record_decision
-    from acip.train.callbacks.final_eval import evaluate_score_maps, part_key
+    from acip.train.callbacks.final_eval import adapter_pairs, evaluate_score_maps, part_key
 
     sm = pm.score_map
     parts = dict(parts or {})
     maps = {"acip_adapters": (sm, {"adapters": True}), "acip_no_adapters": (sm, {"adapters": False})}
     wins = {"val": windows, **{part_key(p): w for p, w in parts.items()}}
     ppl = evaluate_score_maps(maps, wins, list(ratios), pm, log=log or (lambda *_: None))["ppl"]
-
-    def pair(d: str) -> dict[float, dict[str, float]]:
-        return {r: {"adapters": ppl[d]["acip_adapters"][r], "no_adapters": ppl[d]["acip_no_adapters"][r]} for r in ratios}
-
-    return record_decision(sm, pair("val"), {p: pair(part_key(p)) for p in parts})
+    return record_decision(sm, adapter_pairs(ppl["val"], ratios),
+                           {p: adapter_pairs(ppl[part_key(p)], ratios) for p in parts})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,8 @@ import torch
 
 from .. import plots
 
-__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key", "VAL", "part_key", "is_validation"]
+__all__ = ["FinalEvaluation", "evaluate_score_maps", "metric_key", "VAL", "part_key", "part_name", "is_validation",
+           "adapter_pairs"]
 
 VAL = "val"  # the validation split's key among the windows (never a reported domain)
 
@@ -42,6 +43,17 @@ VAL = "val"  # the validation split's key among the windows (never a reported do
 def part_key(part: str) -> str:
     """``val/<part>``: the key of one component's share of the validation split (``data=mix``)."""
     return f"{VAL}/{part}"
+
+
+def part_name(key: str) -> str:
+    """``<part>`` of a ``val/<part>`` key (:func:`part_key`'s inverse)."""
+    return key[len(VAL) + 1:]
+
+
+def adapter_pairs(cols: Mapping[str, Mapping[float, float]], ratios: Sequence[float]) -> dict[float, dict[str, float]]:
+    """``{ratio: {"adapters": p1, "no_adapters": p0}}`` from one domain's ``{method: {ratio: ppl}}``
+    columns ``acip_adapters`` / ``acip_no_adapters`` (what :func:`acip.export.auto.record_decision` reads)."""
+    return {r: {"adapters": cols["acip_adapters"][r], "no_adapters": cols["acip_no_adapters"][r]} for r in ratios}
 
 
 def is_validation(key: str) -> bool:
@@ -235,11 +247,8 @@ class FinalEvaluation(pl.Callback):
         auto: dict[float, bool] = {}
         parts = [d for d in wins if is_validation(d) and d != VAL]
         if choose:
-            def pair(d: str) -> dict[float, dict[str, float]]:
-                return {r: {"adapters": ev["ppl"][d]["acip_adapters"][r], "no_adapters": ev["ppl"][d]["acip_no_adapters"][r]}
-                        for r in self.ratios}
-
-            dec = record_decision(sm, pair(VAL), {d[len(VAL) + 1:]: pair(d) for d in parts})
+            dec = record_decision(sm, adapter_pairs(ev["ppl"][VAL], self.ratios),
+                                  {part_name(d): adapter_pairs(ev["ppl"][d], self.ratios) for d in parts})
             auto = {r: dec[f"{float(r):g}"] for r in self.ratios}
             for key in ("ppl",):
                 for d in ev[key]:
@@ -276,7 +285,7 @@ class FinalEvaluation(pl.Callback):
             "ppl_by_domain": {dom: {m: _keys(d) for m, d in cols.items()} for dom, cols in ev["ppl"].items()
                               if not is_validation(dom)},
             "val_ppl": {m: _keys(d) for m, d in ev["ppl"][VAL].items()},
-            "val_ppl_by_part": {p[len(VAL) + 1:]: {m: _keys(d) for m, d in ev["ppl"][p].items()} for p in parts},
+            "val_ppl_by_part": {part_name(p): {m: _keys(d) for m, d in ev["ppl"][p].items()} for p in parts},
             "val_ppl_mean": val_mean,
             "reference_ppl": {d: reference[d] for d in wins},
             "adapters_auto": _keys(auto) if auto else None,
@@ -314,7 +323,7 @@ class FinalEvaluation(pl.Callback):
         parts = []
         for d in [*domains, VAL, *parts]:
             what = ("validation split (chooses the adapters; not reported as a domain)" if d == VAL else
-                    f"validation split, component {d[len(VAL) + 1:]!r} (the adapters must help on every component)"
+                    f"validation split, component {part_name(d)!r} (the adapters must help on every component)"
                     if is_validation(d) else d)
             parts.append(f"[acip] {what}: perplexity by size ratio (target layers)\n"
                          + format_table(ev["ppl"][d], reference=reference[d], ratios=self.ratios, suffix=" ppl",
