@@ -192,7 +192,7 @@ def check_shards(report: dict, trainable_numel: int) -> None:
         assert r["held_bytes"] == 4 * r["held"]  # fp32
         # no gradient memory for the frozen factors: every flat parameter is frozen, and the only gradients
         # are the replicated masks' and LoRA factors'
-        assert r["frozen_with_grad"] == 0 and r["flat_params_with_grad"] == 0, (i, r)
+        assert r["frozen_with_grad"] == 0 and r["flat_params_with_grad"] == 0 and r["flat_grad_numel"] == 0, (i, r)
         assert r["grad_numel"] == trainable_numel, (i, r["grad_numel"], trainable_numel)
 
 

@@ -214,8 +214,9 @@ def factor_numels(pm: nn.Module) -> dict[str, int]:
 
 class ShardReport(pl.Callback):
     """Once, at the first optimiser step (parameters resharded, gradients present): every rank's
-    :func:`factor_numels`, the frozen parameters that hold a gradient (0 expected) and the gradient
-    elements held, gathered to rank 0, printed as one line ``[acip] fsdp shards {json}`` and logged as
+    :func:`factor_numels`, the frozen parameters that hold a gradient (0 expected), the gradient
+    elements of the model's parameters (``grad_numel``) and of FSDP's flat parameters
+    (``flat_grad_numel``, the sharded gradient FSDP allocates), gathered to rank 0, printed as one line ``[acip] fsdp shards {json}`` and logged as
     ``fsdp/...`` metrics. Collective: every rank runs it at the same step."""
 
     def __init__(self) -> None:
@@ -231,8 +232,9 @@ class ShardReport(pl.Callback):
         mine["frozen_with_grad"] = sum(1 for p in params if not p.requires_grad and p.grad is not None)
         mine["grad_numel"] = sum(p.grad.numel() for p in params if p.grad is not None)
         root = trainer.strategy.model if isinstance(trainer.strategy.model, nn.Module) else pl_module
-        mine["flat_params_with_grad"] = sum(  # torch's FSDP units whose flat parameter requires grad
-            1 for m in root.modules() if getattr(getattr(m, "_flat_param", None), "requires_grad", False))
+        flats = [f for f in (getattr(m, "_flat_param", None) for m in root.modules()) if f is not None]
+        mine["flat_params_with_grad"] = sum(1 for f in flats if f.requires_grad)  # torch's FSDP units' flat params
+        mine["flat_grad_numel"] = sum(f.grad.numel() for f in flats if f.grad is not None)  # what FSDP allocated
         ranks: list[Any] = [mine]
         if trainer.world_size > 1:
             ranks = [None] * trainer.world_size
