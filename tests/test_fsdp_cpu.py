@@ -1,6 +1,7 @@
-"""trainer=fsdp: the auto-wrap policy (one FSDP unit per decoder block), masks outside the shards, and two
-CPU processes (gloo) running the tiny model end to end: LoRA adapters, post-tuning and the final evaluation,
-against the DDP run of the same seed; and ``resume=`` of an FSDP run against the uninterrupted one."""
+"""trainer=fsdp: the auto-wrap policy (one FSDP unit per decoder block), the SVD factors sharded (frozen
+parameters) with masks and LoRA factors outside the shards, and two CPU processes (gloo) running the tiny model
+end to end: each rank holds half of the factors, and LoRA adapters, post-tuning and the final evaluation equal
+the DDP run of the same seed; and ``resume=`` of an FSDP run against the uninterrupted one."""
 from __future__ import annotations
 
 import shutil
@@ -37,6 +38,80 @@ def test_policy_wraps_each_decoder_block_and_nothing_else():
     assert not policy(pm.svd_layers()[next(iter(pm.svd_layers()))], recurse=False, nonwrapped_numel=0)
     strategy = fsdp_strategy()
     assert isinstance(strategy.kwargs.get("use_orig_params"), bool) and strategy.kwargs["use_orig_params"]
+
+
+def _module_under(strategy, lora=None):
+    """An ACIPModule of the tiny model whose (fake) trainer runs ``strategy``, as ``configure_model`` sees it."""
+    from types import SimpleNamespace
+
+    from acip.train.module import ACIPModule
+
+    module = ACIPModule(tiny_pm(lora), lr=1e-3, lora_lr=1e-3)
+    module._trainer = SimpleNamespace(strategy=strategy, callbacks=[])
+    return module
+
+
+def test_shard_setup_makes_the_factors_frozen_parameters_and_keeps_the_trainable_tensors_replicated():
+    import torch
+
+    from acip.train.scale import ReplicatedGradSync, ShardReport, factor_numels, factors_as_parameters, shard_setup
+
+    lora = {"r": 2, "lora_alpha": 4}
+    module = _module_under(fsdp_strategy(), lora)
+    pm = module.pm
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        pm.get_submodule("model.model.layers.0.mlp.down_proj").lora_B.normal_()  # the adapter takes part
+        before_out = pm(x).logits
+    before_state = {k: v.clone() for k, v in pm.state_dict().items()}
+    before = {"trainable": [id(p) for p in pm.trainable_parameters()], "ratio": pm.size_ratio(full=True),
+              "numels": factor_numels(pm), "groups": [[id(p) for p in g["params"]]
+                                                       for g in module.configure_optimizers().param_groups]}
+    n_layers = len(pm.svd_layers())
+    assert before["numels"]["held"] == before["numels"]["total"] == sum(
+        l.ortho.numel() + l.base.numel() for l in pm.svd_layers().values())
+    shard_setup(module)
+    layer = next(iter(pm.svd_layers().values()))
+    assert {n for n, _ in layer.named_parameters(recurse=False)} >= {"ortho", "base", "mask", "lora_A", "lora_B"}
+    assert "ortho" not in layer._buffers and "base" not in layer._buffers and "singular_values" in layer._buffers
+    assert not layer.ortho.requires_grad and not layer.base.requires_grad
+    # the same names and values, the same output; nothing that counts or trains parameters sees a difference
+    after_state = pm.state_dict()
+    assert sorted(after_state) == sorted(before_state)
+    assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
+    with torch.no_grad():
+        assert torch.equal(pm(x).logits, before_out)
+    assert [id(p) for p in pm.trainable_parameters()] == before["trainable"]
+    assert pm.size_ratio(full=True) == before["ratio"] and factor_numels(pm) == before["numels"]
+    assert [[id(p) for p in g["params"]] for g in module.configure_optimizers().param_groups] == before["groups"]
+    # FSDP leaves out exactly the masks and LoRA factors (replicated), and their gradients are averaged
+    ignored = module._trainer.strategy.kwargs["ignored_states"]
+    assert [id(p) for p in ignored] == [id(p) for p in module.trainable()] and len(ignored) == 3 * n_layers
+    assert [type(cb) for cb in module._trainer.callbacks] == [ReplicatedGradSync, ShardReport]
+    assert factors_as_parameters(pm) == 0  # idempotent
+    with pytest.raises(TypeError, match="ACIPModel"):
+        factors_as_parameters(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="shard_factors"):
+        fsdp_strategy(shard_factors="yes")
+
+
+def test_shard_setup_without_shard_factors_and_outside_fsdp_leaves_the_buffers():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from acip.train.scale import shard_setup
+
+    lora = {"r": 2, "lora_alpha": 4}
+    ddp = _module_under(DDPStrategy(), lora)
+    shard_setup(ddp)  # not FSDP: nothing changes
+    layer = next(iter(ddp.pm.svd_layers().values()))
+    assert {"ortho", "base"} <= set(layer._buffers) and "ortho" not in layer._parameters
+    assert ddp._trainer.callbacks == []
+    fsdp = _module_under(fsdp_strategy(shard_factors=False), lora)
+    shard_setup(fsdp)  # the factors stay buffers; only the masks outside the shards (LoRA sharded with its block)
+    layer = next(iter(fsdp.pm.svd_layers().values()))
+    assert {"ortho", "base"} <= set(layer._buffers) and "ortho" not in layer._parameters
+    ignored = fsdp._trainer.strategy.kwargs["ignored_states"]
+    assert [id(p) for p in ignored] == [id(p) for p in fsdp.pm.mask_parameters()]
 
 
 def test_fsdp_config_builds_the_acip_strategy():
@@ -87,7 +162,38 @@ def fsdp_run(tmp_path_factory):
     proc = run_compress(fsdp_dir, cmd=cmd, env=child_env(WANDB_MODE="disabled"), timeout=900)
     # both ranks' score-map digests are gathered at the end (ReplicaMismatchError if they differ)
     assert "ReplicaMismatchError" not in proc.stderr
+    (fsdp_dir.parent / "output.txt").write_text(proc.stdout + proc.stderr)
     return fsdp_dir
+
+
+def shard_report(output: str) -> dict:
+    """The ``[acip] fsdp shards {json}`` line a run printed (:class:`acip.train.scale.ShardReport`)."""
+    import json
+    import re
+
+    found = re.findall(r"^\[acip\] fsdp shards (\{.*\})$", output, flags=re.M)
+    assert len(found) == 1, f"expected one shard report, found {len(found)}"
+    return json.loads(found[0])
+
+
+# The tiny model's two decoder blocks each hold, beside their SVD factors (59,392 elements), two RMSNorm weights
+# of 64 in their flat parameter; FSDP cuts each flat parameter in two equal halves (the last one padded), so a
+# rank's share of the factors is half of them up to 2 * 64 (+ 1 padding) elements per block.
+SHARD_SLACK = 2 * (2 * 64 + 1)
+
+
+def check_shards(report: dict, trainable_numel: int) -> None:
+    """Every rank holds about half of the SVD factors, and gradients of the trainable tensors alone."""
+    ranks, total = report["ranks"], report["total"]
+    assert report["world_size"] == len(ranks) == 2 and report["shard_factors"] is True
+    assert total == 2 * 59_392 and sum(r["held"] for r in ranks) == total  # every element on exactly one rank
+    for i, r in enumerate(ranks):
+        assert abs(r["held"] - total / 2) <= SHARD_SLACK, (i, r["held"], total)
+        assert r["held_bytes"] == 4 * r["held"]  # fp32
+        # no gradient memory for the frozen factors: every flat parameter is frozen, and the only gradients
+        # are the replicated masks' and LoRA factors'
+        assert r["frozen_with_grad"] == 0 and r["flat_params_with_grad"] == 0 and r["flat_grad_numel"] == 0, (i, r)
+        assert r["grad_numel"] == trainable_numel, (i, r["grad_numel"], trainable_numel)
 
 
 def _optimizer_states(ckpt: dict) -> list[dict]:
@@ -148,6 +254,11 @@ def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(f
         assert sorted(got) == sorted(want) and got["exp_avg"].data_ptr() != got["exp_avg_sq"].data_ptr(), i
         for key, v in want.items():
             torch.testing.assert_close(got[key], v, rtol=0, atol=LORA_ATOL, msg=f"{i} {key}")
+    # FSDP sharded the SVD factors: each rank held half of them (DDP: every rank holds all of them)
+    report = shard_report((fsdp_dir.parent / "output.txt").read_text())
+    trainable = sum(v.numel() for k, v in fsdp_state.items() if k.endswith((".mask", ".lora_A", ".lora_B")))
+    check_shards(report, trainable)
+    print(f"[fsdp] SVD-factor elements held per rank {[r['held'] for r in report['ranks']]} of {report['total']}")
     # the run directory loads and exports like a single-process one
     pm = acip.load(fsdp_dir)
     assert pm.has_trained_adapters() and pm.size_ratio() <= 0.5 + 1e-6
@@ -183,5 +294,7 @@ def test_fsdp_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(fsdp_r
     assert sorted(got_state) == sorted(want_state)
     for k, v in want_state.items():
         assert torch.equal(got_state[k], v), k
+    trainable = sum(v.numel() for k, v in want_state.items() if k.endswith((".mask", ".lora_A", ".lora_B")))
+    check_shards(shard_report(proc.stdout + proc.stderr), trainable)  # the resumed run shards the same way
     res, ref = (json.loads((d / "results.json").read_text()) for d in (run, fsdp_run))
     assert res["ppl"] == ref["ppl"] and res["val_ppl"] == ref["val_ppl"] and res["stop_step"] == ref["stop_step"]

@@ -64,7 +64,9 @@ class SVDLinear(nn.Module):
     """``y = ortho(g(mask) * base(x)) + b`` with a straight-through mask over singular directions.
 
     Buffers ``ortho`` (out x k), ``base`` (k x in) and ``bias`` are frozen; ``mask`` (k,) is the
-    only trainable tensor unless LoRA is enabled. ``keep`` (bool, k) is an optional reversible
+    only trainable tensor unless LoRA is enabled. (Under ``trainer=fsdp`` the training run re-registers
+    the three as frozen parameters with the same names so that FSDP shards them; nothing here
+    depends on which kind they are.) ``keep`` (bool, k) is an optional reversible
     pruning mask used by :meth:`acip.core.parametrize.ACIPModel.prune`; it is not saved.
     """
 

@@ -86,7 +86,7 @@ class ACIPModule(pl.LightningModule):
             self.adopt(self.build_pm(device))
             from .scale import shard_setup
 
-            shard_setup(self)  # trainer=fsdp: masks stay replicated (fp32) outside the shards
+            shard_setup(self)  # trainer=fsdp: SVD factors sharded per block, masks and LoRA replicated
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Module conversions (``trainer.precision=bf16-true`` casts the whole module) leave the masks and

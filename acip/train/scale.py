@@ -1,18 +1,33 @@
-"""FSDP for ACIP runs (``trainer=fsdp``): one FSDP unit per decoder block, masks outside the shards.
+"""FSDP for ACIP runs (``trainer=fsdp``): one FSDP unit per decoder block holding the frozen SVD factors,
+the trainable tensors outside the shards.
 
 - :class:`DecoderBlockPolicy` wraps every decoder block: the classes the transformers model lists in
   ``_no_split_modules`` (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...), found on the model
-  itself, so the SVD layers (and their LoRA factors) are sharded with their block.
-- The masks are FSDP ``ignored_states``: replicated on every rank and kept fp32 (a flat parameter
-  needs one dtype, and the score map needs every mask on every rank after each step, as with DDP);
-  :class:`MaskGradSync` averages their gradients over the ranks before each optimiser step.
+  itself, so each block's SVD layers are sharded with their block.
+- FSDP shards *parameters*, and :class:`acip.core.svd_linear.SVDLinear` keeps its factors ``ortho``
+  (out x k), ``base`` (k x in) and ``bias`` as buffers. :func:`shard_setup` (called from
+  ``ACIPModule.configure_model``, before the strategy wraps the model) turns them into frozen
+  ``nn.Parameter(requires_grad=False)`` under the same names, under FSDP only: each rank then holds
+  about ``1/world_size`` of every block's factors (``sum_l k_l (in_l + out_l)`` elements in all, each
+  block's flat parameter split into ``world_size`` equal pieces, the last one padded), gathered for
+  that block's forward and backward only. State-dict names are unchanged, so checkpoints, ``resume=``
+  and the run directory are those of a DDP run. Every other strategy keeps the buffers.
+- The trainable tensors, masks and LoRA factors (``ACIPModule.trainable()``: what the optimizer gets),
+  are FSDP ``ignored_states``: replicated on every rank, as with DDP. The masks must be (fp32, while a
+  flat parameter has one dtype; the score map needs every mask on every rank after each step). The
+  LoRA factors are kept out so that every flat parameter is frozen: torch's FSDP gives a flat
+  parameter holding any trainable tensor a gradient as large as the whole flat parameter, frozen
+  factors included (its docs: mixing frozen and non-frozen parameters in one unit costs "higher than
+  expected gradient memory"), while a frozen flat parameter gets none. LoRA's ``r (in + out)`` per
+  layer is small next to the factors' ``k (in + out)``. :class:`ReplicatedGradSync` averages the
+  trainable tensors' gradients over the ranks before each optimiser step (what DDP's all-reduce does).
+- :class:`ShardReport` prints, once, what each rank holds of the factors (``[acip] fsdp shards``).
 
 - :func:`rank_zero_with_full_params` runs work that reads the whole model (saving the run directory,
   the final evaluation) on rank 0 with every parameter gathered: outside forward/backward each rank
-  holds only its flat shard (``use_orig_params=True`` leaves the original parameters as 1-D views of it).
-
-FSDP shards *parameters* only: the SVD factors ``ortho``/``base`` are buffers of :class:`SVDLinear`,
-so they stay whole on every rank (each rank factorises its own copy in ``configure_model``).
+  holds only its flat shard (``use_orig_params=True`` leaves the original parameters as 1-D views of
+  it, empty where a tensor lies in another rank's piece), so rank 0 must be able to hold the whole
+  model for that work.
 """
 from __future__ import annotations
 
@@ -23,8 +38,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-__all__ = ["DecoderBlockPolicy", "MaskGradSync", "fsdp_strategy", "is_fsdp", "rank_zero_with_full_params",
-           "shard_setup"]
+__all__ = ["DecoderBlockPolicy", "ReplicatedGradSync", "ShardReport", "factor_numels", "factors_as_parameters",
+           "fsdp_strategy", "is_fsdp", "rank_zero_with_full_params", "shard_setup"]
+
+FACTORS = ("ortho", "base", "bias")  # the frozen tensors of an SVDLinear that FSDP shards
 
 T = TypeVar("T")
 
@@ -52,13 +69,19 @@ class DecoderBlockPolicy:
         return True if recurse else type(module).__name__ in self.names
 
 
-def fsdp_strategy(block_classes: list[str] | tuple[str, ...] = (), **kwargs: Any) -> Any:
-    """Lightning's ``FSDPStrategy`` with :class:`DecoderBlockPolicy` and ``use_orig_params=True``
-    (frozen and trainable parameters share a block).
+def fsdp_strategy(block_classes: list[str] | tuple[str, ...] = (), shard_factors: bool = True, **kwargs: Any) -> Any:
+    """Lightning's ``FSDPStrategy`` with :class:`DecoderBlockPolicy` and ``use_orig_params=True`` (the
+    model keeps its own parameters, as views of the shards; with ``shard_factors=False`` frozen and
+    trainable parameters share a block, which needs it).
 
+    ``shard_factors`` (``trainer.strategy.shard_factors``): True shards the SVD factors with their block
+    (:func:`shard_setup`); False leaves them buffers, whole on every rank, and only the LoRA factors
+    in the shards (the behaviour before factors were sharded; for measurements and as a way back).
     A subclass: Lightning refuses ``FSDPStrategy`` itself with ``accelerator=cpu`` (its own check,
     not torch's); torch's FSDP runs on CPU with gloo, which is how the tests run it.
     """
+    if not isinstance(shard_factors, bool):
+        raise TypeError(f"trainer.strategy.shard_factors must be true or false, got {shard_factors!r}")
     from lightning.pytorch.strategies import FSDPStrategy
 
     class ACIPFSDPStrategy(FSDPStrategy):
@@ -112,34 +135,149 @@ def fsdp_strategy(block_classes: list[str] | tuple[str, ...] = (), **kwargs: Any
             return state
 
     kwargs.setdefault("use_orig_params", True)
-    return ACIPFSDPStrategy(auto_wrap_policy=DecoderBlockPolicy(tuple(block_classes)), **kwargs)
+    strategy = ACIPFSDPStrategy(auto_wrap_policy=DecoderBlockPolicy(tuple(block_classes)), **kwargs)
+    strategy.shard_factors = shard_factors  # read by shard_setup; not an FSDP argument
+    return strategy
 
 
-class MaskGradSync(pl.Callback):
-    """All-reduce (mean) the masks' gradients before each optimiser step: FSDP ignores the masks.
+class ReplicatedGradSync(pl.Callback):
+    """Average the gradients of the tensors FSDP ignores over the ranks before each optimiser step:
+    ``g <- (1/W) sum_ranks g``, one all-reduce per dtype, as DDP does for every trainable tensor.
+
+    ``pl_module.trainable()`` (masks and LoRA factors) are replicated outside the shards
+    (:func:`shard_setup`); ``replicated`` names them by ``id`` (None: all of them).
     """
+
+    def __init__(self, replicated: set[int] | None = None) -> None:
+        self.replicated = replicated
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
         if trainer.world_size < 2:
             return
-        for m in pl_module.pm.mask_parameters():
-            if m.grad is not None:
-                torch.distributed.all_reduce(m.grad, op=torch.distributed.ReduceOp.SUM)
-                m.grad.div_(trainer.world_size)
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for p in pl_module.trainable():
+            if p.grad is not None and (self.replicated is None or id(p) in self.replicated):
+                groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        for grads in groups.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat.div_(trainer.world_size)
+            for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
+
+
+def factors_as_parameters(pm: nn.Module) -> int:
+    """Re-register each SVD layer's frozen ``ortho``, ``base`` and ``bias`` buffers of ``pm`` (an
+    :class:`acip.ACIPModel`) as ``nn.Parameter(requires_grad=False)`` under the same names, sharing the
+    same storage, so that FSDP shards them; returns how many tensors moved (0 when they are parameters
+    already: idempotent).
+
+    Values, dtypes, devices and state-dict names stay as they are; the SVD layer's forward does not
+    care which kind its factors are. Parameters count nowhere they did not before: the optimizer gets
+    ``ACIPModule.trainable()`` (masks, LoRA), ``ACIPModel.size_ratio(full=True)`` leaves out every tensor
+    of an SVD layer, and ``requires_grad=False`` keeps them out of ``trainable_parameters()``.
+    """
+    layers = getattr(pm, "svd_layers", None)
+    if not callable(layers):
+        raise TypeError(f"factors_as_parameters needs an acip.ACIPModel (with svd_layers()), got {type(pm).__name__}")
+    moved = 0
+    for layer in layers().values():
+        for name in FACTORS:
+            t = layer._buffers.get(name)
+            if t is None:
+                continue
+            if t.requires_grad:
+                raise ValueError(f"the SVD factor {name!r} requires grad: the factors are frozen in ACIP")
+            del layer._buffers[name]
+            layer.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            moved += 1
+    return moved
+
+
+def factor_numels(pm: nn.Module) -> dict[str, int]:
+    """What this process holds of the SVD factors now: ``held`` = elements of ``ortho``, ``base`` and
+    ``bias`` present here (under FSDP outside forward/backward: this rank's piece of each flat
+    parameter, 0 for a tensor in another rank's piece), ``held_bytes`` the same in bytes, and
+    ``total`` = ``sum_l k_l (in_l + out_l) (+ out_l with a bias)`` from the layers' shapes."""
+    layers = getattr(pm, "svd_layers", None)
+    if not callable(layers):
+        raise TypeError(f"factor_numels needs an acip.ACIPModel (with svd_layers()), got {type(pm).__name__}")
+    held = held_bytes = total = 0
+    for l in layers().values():
+        total += l.max_rank * (l.in_features + l.out_features) + (l.out_features if l.bias is not None else 0)
+        for t in (getattr(l, n) for n in FACTORS):
+            if t is not None:
+                held += t.numel()
+                held_bytes += t.numel() * t.element_size()
+    return {"held": held, "held_bytes": held_bytes, "total": total}
+
+
+class ShardReport(pl.Callback):
+    """Once, at the first optimiser step (parameters resharded, gradients present): every rank's
+    :func:`factor_numels`, the frozen parameters that hold a gradient (0 expected), the gradient
+    elements of the model's parameters (``grad_numel``) and of FSDP's flat parameters
+    (``flat_grad_numel``, the sharded gradient FSDP allocates), gathered to rank 0, printed as one line ``[acip] fsdp shards {json}`` and logged as
+    ``fsdp/...`` metrics. Collective: every rank runs it at the same step."""
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if self.report is not None:
+            return
+        import json
+
+        mine = factor_numels(pl_module.pm)
+        params = list(pl_module.parameters())
+        mine["frozen_with_grad"] = sum(1 for p in params if not p.requires_grad and p.grad is not None)
+        mine["grad_numel"] = sum(p.grad.numel() for p in params if p.grad is not None)
+        root = trainer.strategy.model if isinstance(trainer.strategy.model, nn.Module) else pl_module
+        flats = [f for f in (getattr(m, "_flat_param", None) for m in root.modules()) if f is not None]
+        mine["flat_params_with_grad"] = sum(1 for f in flats if f.requires_grad)  # torch's FSDP units' flat params
+        mine["flat_grad_numel"] = sum(f.grad.numel() for f in flats if f.grad is not None)  # what FSDP allocated
+        ranks: list[Any] = [mine]
+        if trainer.world_size > 1:
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        self.report = {"world_size": trainer.world_size,
+                       "shard_factors": bool(getattr(trainer.strategy, "shard_factors", True)),
+                       "total": mine["total"], "ranks": ranks}
+        if trainer.is_global_zero:
+            print(f"[acip] fsdp shards {json.dumps(self.report)}", flush=True)
+            for r, d in enumerate(ranks):
+                print(f"[acip] fsdp rank {r}: holds {d['held']:,} of {d['total']:,} SVD-factor elements "
+                      f"({100 * d['held'] / max(d['total'], 1):.1f}%, {d['held_bytes'] / 2**20:.2f} MiB)", flush=True)
+            metrics = {f"fsdp/factor_numel_rank{r}": float(d["held"]) for r, d in enumerate(ranks)}
+            metrics["fsdp/factor_numel_total"] = float(mine["total"])
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
 
 
 def shard_setup(module: Any) -> None:
-    """Called by ``ACIPModule.configure_model`` once the model exists: under FSDP, keep the masks out of
-    the shards and sync their gradients (a no-op for every other strategy)."""
-    trainer = module._trainer
+    """Called by ``ACIPModule.configure_model`` once the model exists, before the strategy wraps it;
+    a no-op for every strategy but FSDP. Under FSDP: the SVD factors become frozen parameters
+    (:func:`factors_as_parameters`; unless ``trainer.strategy.shard_factors=false``), the trainable
+    tensors (masks, LoRA) become ``ignored_states`` (replicated, their gradients averaged by
+    :class:`ReplicatedGradSync`; with ``shard_factors=false`` only the masks, the LoRA factors stay in
+    the shards), and :class:`ShardReport` reports once what each rank holds."""
+    trainer = getattr(module, "_trainer", None)
     from lightning.pytorch.strategies import FSDPStrategy
 
     if trainer is None or not isinstance(trainer.strategy, FSDPStrategy):
         return
-    masks = module.pm.mask_parameters()
-    trainer.strategy.kwargs["ignored_states"] = masks
-    if not any(isinstance(cb, MaskGradSync) for cb in trainer.callbacks):
-        trainer.callbacks.append(MaskGradSync())
+    pm = getattr(module, "pm", None)
+    if pm is None or not callable(getattr(module, "trainable", None)):
+        raise TypeError(f"shard_setup needs the ACIPModule with its parametrized model (.pm), got {type(module).__name__}"
+                        f" with pm={type(pm).__name__}")
+    if getattr(trainer.strategy, "shard_factors", True):
+        factors_as_parameters(pm)
+        replicated = list(module.trainable())
+    else:
+        replicated = list(pm.mask_parameters())
+    trainer.strategy.kwargs["ignored_states"] = replicated
+    for cb in [cb for cb in trainer.callbacks if isinstance(cb, (ReplicatedGradSync, ShardReport))]:
+        trainer.callbacks.remove(cb)
+    trainer.callbacks.extend([ReplicatedGradSync({id(p) for p in replicated}), ShardReport()])
 
 
 def is_fsdp(trainer: Any) -> bool:
@@ -234,9 +372,11 @@ def _trainable_as_copies(module: nn.Module) -> Iterator[None]:
     resizing its storage to 0. Saving exposes a tensor's bytes to numpy (safetensors, the sha256
     digests of :mod:`acip.core.io`), and ``Tensor.numpy()`` makes the storage it shares non-resizable:
     FSDP's exit then fails with "Trying to resize storage that is not resizable". The trainable
-    parameters (the LoRA factors; the masks are outside the shards) are what the run directory saves,
-    and they are small, so only they are copied; the frozen weights stay views (an export clones what
-    it keeps).
+    parameters are what the run directory saves, and they are small, so only they are copied (with
+    :func:`shard_setup`'s default they are outside the shards already; with ``shard_factors=false`` the
+    LoRA factors are views). The frozen weights, the SVD factors included, stay views: the save reads
+    the factors only through the fingerprint (computed on a float64 copy) and an export clones what it
+    keeps.
     """
     held = [(p, p.data) for p in module.parameters() if p.requires_grad]
     try:
