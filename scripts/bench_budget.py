@@ -3,6 +3,9 @@
     taskset -c 1 python scripts/bench_budget.py --part peers  --json /tmp/bb/peers.json
     taskset -c 1 python scripts/bench_budget.py --part ours   --json /tmp/bb/ours.json
     taskset -c 1 python scripts/bench_budget.py --part budget --run RUN_DIR --json /tmp/bb/budget.json
+    taskset -c 1 python scripts/bench_budget.py --part grid   --run RUN_DIR --json /tmp/bb/grid.json
+    taskset -c 1 python scripts/bench_budget.py --part gptq   --gptq-python /work/gptq-venv/bin/python --json /tmp/bb/gptq.json
+    python scripts/bench_budget.py --table /tmp/bb/*.json
     python scripts/bench_budget.py --plot docs/img/budget_bytes_vs_ppl.png /tmp/bb/*.json
 
 One table split in parts (each part is one process, well under 15 minutes on one core); every
@@ -14,7 +17,15 @@ part evaluates on the same windows: 40 x 256 tokens of the KJV held-out split an
   ``allocation="sensitivity"`` at each of those lams (matched bytes; the empirical Fisher of
   ``--calib-windows`` windows of 128 tokens of the KJV *training* split).
 * ``budget``: ``export_budget(run, size_mb=NF4's bytes / bits_per_param=3.0 / 2.5)`` with the
-  calibrated cost model (the same calibration windows), cached in ``--cache``.
+  calibrated cost model (the same calibration windows), cached in ``--cache``; ``--refs`` and
+  ``--uniform-lams`` add fp32, NF4 and ours uniform to the same process.
+* ``grid``: ``acip.export(run, ratio=r)`` (``adapters="auto"``) then ours uniform at ``lam``, for
+  every ``--ratios`` x ``--grid-lams`` point (``--skip grid0.7:58`` leaves one out). ``--table``
+  then names the best grid point at NF4's bytes and at each ``--bits`` (stored bytes <= budget).
+* ``gptq`` (opt-in, never in CI): GPTQ W4 / W3 g64 (g128 is refused: 576 columns) through ``llmcompressor`` in a venv of its own
+  (``--gptq-python``; ``scripts/gptq_peer.py`` sets it up and runs there), calibrated on
+  ``--gptq-calib`` windows of the KJV *training* split; its de-quantized weights are evaluated
+  here, its bytes counted from its compressed checkpoint.
 
 Stored bytes are counted from the saved files: every tensor under a target layer in the
 safetensors that ``save_pretrained`` writes (plus the sha256 an entropy-coded layer keeps), or for
@@ -40,10 +51,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from budget_table import combined_table, plot, table  # noqa: E402
 from machine import machine_header  # noqa: E402
 
-DOMAINS = ("kjv_heldout", "pydoc")
 LAMS = (3.9, 14.5, 58.0)
+RATIOS = (1.0, 0.9, 0.8, 0.7)
 
 
 def say(line: str) -> None:
@@ -76,28 +88,47 @@ def target_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def saved_bytes(model: nn.Module, names: list[str]) -> int:
-    """Bytes of every tensor under ``names`` in the files ``save_pretrained`` writes (+ 32 per coded layer)."""
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I16": 2,
+                "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
+
+
+def file_bytes(directory: str | Path, names: list[str]) -> int:
+    """Bytes of every tensor under ``names`` (a dotted layer name, then ``.``) in ``directory``'s safetensors.
+
+    Used for every row whose model is written to files (ours, NF4, the budget export, the grid, GPTQ);
+    imports only ``safetensors``, so ``scripts/gptq_peer.py`` counts with it in its own venv."""
     from safetensors import safe_open
 
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {str(directory)!r}: save the model there first")
+    if not names:
+        raise ValueError("names is empty: pass the dotted names of the target layers to count")
+    prefixes = tuple(n + "." for n in names)
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                if k.startswith(prefixes):
+                    t = fh.get_slice(k)
+                    n = 1
+                    for s in t.get_shape():
+                        n *= s
+                    dt = t.get_dtype()
+                    if dt not in _DTYPE_BYTES:
+                        raise ValueError(f"tensor {k!r} in {f.name} has dtype {dt!r}, not one of {sorted(_DTYPE_BYTES)}")
+                    total += n * _DTYPE_BYTES[dt]
+    return total
+
+
+def saved_bytes(model: nn.Module, names: list[str]) -> int:
+    """Bytes of every tensor under ``names`` in the files ``save_pretrained`` writes (+ 32 per coded layer)."""
     from acip.quant.module import EntQuantLinear
 
     d = Path(tempfile.mkdtemp(prefix="bb_"))
     try:
         model.save_pretrained(d)
-        prefixes = tuple(n + "." for n in names)
-        total = 0
-        for f in d.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as fh:
-                for k in fh.keys():
-                    if k.startswith(prefixes):
-                        t = fh.get_slice(k)
-                        shape, dt = t.get_shape(), t.get_dtype()
-                        n = 1
-                        for s in shape:
-                            n *= s
-                        total += n * {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8}[dt]
-        return total + 32 * sum(isinstance(m, EntQuantLinear) for m in model.modules())
+        return file_bytes(d, names) + 32 * sum(isinstance(m, EntQuantLinear) for m in model.modules())
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -122,18 +153,85 @@ def hqq_(model: nn.Module, nbits: int) -> tuple[nn.Module, int]:
     d = Path(tempfile.mkdtemp(prefix="bb_hqq_"))
     try:
         save_file(keep, str(d / "hqq.safetensors"))
-        from safetensors import safe_open
-
-        with safe_open(str(d / "hqq.safetensors"), "pt") as fh:
-            stored = sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
+        stored = file_bytes(d, list(target_linears(model)))
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return model, stored
 
 
+def grid_rows(pm, ratios: list[float], lams: list[float], want, record) -> None:
+    """The ACIP-ratio x lam grid: for each ratio ``r`` one ``acip.export(pm, ratio=r)`` (``adapters="auto"``,
+    the export default), then ours uniform at each ``lam`` on a copy; ``record(method, model, seconds,
+    bytes, **extra)`` gets every point (bytes from the saved files). ``want(f"grid{r:g}:{lam:g}")``
+    false leaves a point out."""
+    import acip
+    from acip.core import check_ratio
+    from acip.quant import EntropyQuantConfig, quantize_
+
+    if not ratios or not lams:
+        raise ValueError(f"the grid needs at least one ratio and one lam, got ratios={ratios!r}, lams={lams!r}")
+    for r in ratios:
+        check_ratio(r)
+        todo = [lam for lam in lams if want(f"grid{r:g}:{lam:g}")]
+        if not todo:
+            continue
+        t = time.perf_counter()
+        small = acip.export(pm, ratio=r)
+        export_s = time.perf_counter() - t
+        names = target_names(small)
+        for lam in todo:
+            t = time.perf_counter()
+            m = quantize_(copy.deepcopy(small), EntropyQuantConfig(lam=lam))
+            sec = export_s + time.perf_counter() - t
+            record(f"grid ratio={r:g} lam={lam:g}", m, sec, saved_bytes(m, names), ratio=r, lam=lam,
+                   size_ratio=float(acip.size_ratio(small)), adapters=small.config.acip_export.get("adapters"),
+                   export_s=export_s)
+            del m
+        del small
+
+
+def gptq_rows(args: argparse.Namespace, base: nn.Module, tok, names: list[str], record) -> None:
+    """GPTQ rows: scripts/gptq_peer.py in the ``--gptq-python`` venv, its de-quantized weights evaluated here."""
+    import acip
+    from safetensors.torch import load_file, save_file
+
+    from gptq_peer import run as gptq_run
+
+    work = Path(args.gptq_work)
+    (work / "base").mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(work / "base")
+    tok.save_pretrained(work / "base")
+    n, length = args.gptq_calib
+    train, _ = acip.data.kjv_split()
+    ids = acip.eval.token_windows(tok, train, length, n)  # the KJV *training* split, never held-out text
+    if ids.shape[0] < n:
+        raise SystemExit(f"--gptq-calib {n} {length}: the KJV training split has only {ids.shape[0]} such windows")
+    save_file({"input_ids": ids.contiguous()}, str(work / "calib.safetensors"))
+    for bits in args.gptq_bits:
+        label = f"GPTQ W{bits} g{args.gptq_group} (llmcompressor {args.gptq_version}, sym)"
+        try:
+            info = gptq_run(args.gptq_python, work / "base", work / "calib.safetensors", bits, args.gptq_group,
+                            work / f"w{bits}g{args.gptq_group}")
+        except RuntimeError as e:  # a peer that does not run here is reported with its error
+            say(f"{label} did not run: {e}")
+            record.error(label, str(e).splitlines()[0] + " | " + str(e).strip().splitlines()[-1])
+            continue
+        w = load_file(info.pop("weights"))
+        want = {f"{nm}.weight" for nm in names}
+        if set(w) != want:
+            raise RuntimeError(f"GPTQ wrote weights for {len(w)} layers, expected the {len(want)} target layers; "
+                               f"missing {sorted(want - set(w))[:3]}, extra {sorted(set(w) - want)[:3]}")
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for nm in names:
+                m.get_submodule(nm).weight.copy_(w[f"{nm}.weight"])
+        record(label, m, info["seconds"], info["bytes"], gptq=info)
+        del m, w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("peers", "ours", "budget"))
+    ap.add_argument("--part", choices=("peers", "ours", "budget", "grid", "gptq"))
     ap.add_argument("--run", default="outputs/2026-12-01/10-41-30")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=8)
@@ -142,12 +240,38 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="*", default=list(LAMS))
     ap.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
     ap.add_argument("--refs", action="store_true", help="budget: the fp32 and NF4 rows too (same process)")
+    ap.add_argument("--uniform-lams", type=float, nargs="*", default=[],
+                    help="budget: ours uniform at these lams too (same process)")
+    ap.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS), help="grid: ACIP export ratios")
+    ap.add_argument("--grid-lams", type=float, nargs="*", default=list(LAMS), help="grid: uniform lams")
+    ap.add_argument("--gptq-python", default=None, help="gptq: the interpreter of the llmcompressor venv")
+    ap.add_argument("--gptq-bits", type=int, nargs="*", default=[4, 3])
+    ap.add_argument("--gptq-group", type=int, default=64,
+                    help="gptq: group size (SmolLM2's 576 columns refuse 128 in llmcompressor 0.14)")
+    ap.add_argument("--gptq-calib", type=int, nargs=2, default=[64, 256], metavar=("WINDOWS", "LEN"),
+                    help="gptq: calibration windows of the KJV training split")
+    ap.add_argument("--gptq-work", default="/tmp/bb/gptq", help="gptq: base model, calibration and outputs")
     ap.add_argument("--cache", default="/tmp/bb/budget_cost.safetensors")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", nargs="+", default=None, metavar=("PNG", "JSON"), help="PNG then part JSON files")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="print one table of these part JSON files, with the best grid point at each budget")
     args = ap.parse_args()
     if args.plot:
         return plot(args.plot[0], args.plot[1:])
+    if args.table:
+        return print(combined_table(args.table, args.bits))
+    if args.part is None:
+        ap.error("pass --part (or --plot / --table)")
+    if args.part == "gptq":  # fail before loading anything when the peer's venv is missing
+        from gptq_peer import GPTQUnavailable, check_python
+
+        if not args.gptq_python:
+            ap.error("--part gptq needs --gptq-python PATH (the llmcompressor venv's python; scripts/gptq_peer.py)")
+        try:
+            args.gptq_version = check_python(args.gptq_python)
+        except GPTQUnavailable as e:
+            raise SystemExit(f"--part gptq: {e}") from None
     torch.set_num_threads(1)
     import acip
     from acip.quant import EntropyQuantConfig, NF4Config, quantize_
@@ -171,9 +295,18 @@ def main() -> None:
                      "ppl": ppl, **extra})
         say(f"{method}: {nbytes} B ({8 * nbytes / dense:.3f} bits), {seconds:.1f}s, "
             + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()))
+        dump()
+
+    def dump() -> None:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+
+    def error(method: str, text: str) -> None:
+        rows.append({"method": method, "error": text})
+        dump()
+
+    record.error = error
 
     def want(name: str) -> bool:
         return name not in args.skip
@@ -197,23 +330,31 @@ def main() -> None:
                 del m
             except Exception as e:  # noqa: BLE001 - a peer that does not run here is reported
                 say(f"HQQ {b}-bit did not run: {type(e).__name__}: {e}")
-                rows.append({"method": f"HQQ {b}-bit g64", "error": f"{type(e).__name__}: {e}"})
+                error(f"HQQ {b}-bit g64", f"{type(e).__name__}: {e}")
+    def ours(lam: float, alloc: str) -> None:
+        cfg = EntropyQuantConfig(lam=lam, allocation=alloc)
+        t = time.perf_counter()
+        m = quantize_(copy.deepcopy(base), cfg, calib=calib if alloc == "sensitivity" else None)
+        sec = time.perf_counter() - t
+        label = f"ours lam={lam:g}" + (" (sensitivity, matched bytes)" if alloc == "sensitivity" else " (uniform)")
+        extra = {"layer_lam": m.config.acip_quant["layer_lam"]} if alloc == "sensitivity" else {}
+        record(label, m, sec, saved_bytes(m, names), **extra)
+
     if args.part == "ours":
         for lam in args.lams:
             for alloc in ("uniform", "sensitivity"):
-                if not want(f"{alloc}{lam:g}"):
-                    continue
-                cfg = EntropyQuantConfig(lam=lam, allocation=alloc)
-                t = time.perf_counter()
-                m = quantize_(copy.deepcopy(base), cfg, calib=calib if alloc == "sensitivity" else None)
-                sec = time.perf_counter() - t
-                label = f"ours lam={lam:g}" + (" (sensitivity, matched bytes)" if alloc == "sensitivity" else " (uniform)")
-                extra = {}
-                if alloc == "sensitivity":
-                    ll = m.config.acip_quant["layer_lam"]
-                    extra["layer_lam"] = ll
-                record(label, m, sec, saved_bytes(m, names), **extra)
-                del m
+                if want(f"{alloc}{lam:g}"):
+                    ours(lam, alloc)
+    if args.part == "budget":
+        for lam in args.uniform_lams:
+            ours(lam, "uniform")
+    if args.part == "gptq":
+        gptq_rows(args, base, tok, names, record)
+    if args.part == "grid":
+        src = Path(args.run)
+        pm = acip.ACIPModel.from_pretrained(src, model=copy.deepcopy(base))  # reads the run directory only
+        say(f"loaded {src} ({pm.score_map.method} map)")
+        grid_rows(pm, args.ratios, args.grid_lams, want, record)
     if args.part == "budget":
         from acip.export.budget import CostModel, allocate, export_budget
 
@@ -259,67 +400,6 @@ def main() -> None:
                    lams={n: r["storage"] for n, r in info["layers"].items()})
             del small
     print(table(out), flush=True)
-
-
-def table(out: dict) -> str:
-    ref = next((r for r in out["rows"] if r["method"] == "fp32"), None)
-    lines = ["| method | stored bytes | bits/param | KJV held-out ppl | pydoc ppl | x fp32 (KJV / pydoc) | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    fp = ref["ppl"] if ref else FP32_PPL
-    for r in out["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | did not run: {r['error']} | | | | | |")
-            continue
-        p = r["ppl"]
-        lines.append(f"| {r['method']} | {r['bytes']:,} | {r['bits']:.3f} | {p['kjv_heldout']:.2f} | {p['pydoc']:.2f} | "
-                     f"{p['kjv_heldout'] / fp['kjv_heldout']:.3f} / {p['pydoc'] / fp['pydoc']:.3f} | "
-                     f"{r['seconds']:.0f} |")
-    return "\n".join(lines)
-
-
-FP32_PPL = {"kjv_heldout": float("nan"), "pydoc": float("nan")}
-
-
-def plot(png: str, files: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = []
-    for f in files:
-        rows += [r for r in json.loads(Path(f).read_text())["rows"] if "error" not in r]
-    fp = next(r for r in rows if r["method"] == "fp32")
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6))
-    style = {"fp32": ("k", "*"), "bitsandbytes": ("tab:blue", "s"), "HQQ": ("tab:orange", "^"),
-             "(uniform)": ("tab:green", "o"), "(sensitivity": ("tab:red", "D"), "budget": ("tab:purple", "P")}
-
-    def short(m: str) -> str:
-        return (m.replace(" (sensitivity, matched bytes)", " sensitivity").replace("budget export at ", "budget at ")
-                .replace("bitsandbytes ", "").replace(" (uniform)", " uniform"))
-
-    handles = []
-    for ax, dom, title in zip(axes, DOMAINS, ("KJV held-out", "pydoc")):
-        for i, r in enumerate(rows, 1):  # a number at each point, the names in one legend: dense clusters stay legible
-            c, mk = next((v for k, v in style.items() if k in r["method"]), ("gray", "x"))
-            h = ax.scatter(r["bytes"] / 1e6, r["ppl"][dom], color=c, marker=mk, s=60, zorder=3,
-                           label=f"{i}: {short(r['method'])}")
-            if ax is axes[0]:
-                handles.append(h)
-            ax.annotate(str(i), (r["bytes"] / 1e6, r["ppl"][dom]), fontsize=7, textcoords="offset points",
-                        xytext=(4, 3 if i % 2 else -9))
-        ax.axhline(fp["ppl"][dom], color="k", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("stored bytes of the 210 target linears (MB, log)")
-        ax.set_ylabel("perplexity (log)")
-        ax.set_title(f"SmolLM2-135M, {title} (40 x 256 tokens)")
-        ax.grid(True, which="both", alpha=0.3)
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
 
 
 if __name__ == "__main__":
