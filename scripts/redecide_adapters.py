@@ -80,7 +80,7 @@ def main() -> None:
     print(f"{'ratio':>6} {'before':>7} {'after':>6}  " + "  ".join(f"{k:>24}" for k in ["val", *parts]))
     for r in ratios:
         key = f"{r:g}"
-        cells = [meta[VAL_KEY][key]] + [meta[PARTS_KEY][p][key] for p in parts] if parts else [meta[VAL_KEY][key]]
+        cells = [meta[VAL_KEY][key]] + [meta[PARTS_KEY][p][key] for p in parts]  # pooled, then each part
         print(f"{r:6.2f} {str(before.get(r, '-')):>7} {str(after[key]):>6}  "
               + "  ".join(f"{c['adapters']:10.3f} vs {c['no_adapters']:10.3f}" for c in cells))
     print(f"[redecide] adapters with / without, per ratio; the new decision is saved in {str(out)!r} "
