@@ -1,7 +1,7 @@
 """trainer=fsdp: the auto-wrap policy (one FSDP unit per decoder block), the SVD factors sharded (frozen
 parameters) with masks and LoRA factors outside the shards, and two CPU processes (gloo) running the tiny model
-end to end: each rank holds half of the factors, and LoRA adapters, post-tuning and the final evaluation equal
-the DDP run of the same seed; and ``resume=`` of an FSDP run against the uninterrupted one."""
+end to end: each rank holds half of the factors, and LoRA adapters, post-tuning, the final evaluation and the
+logged size ratios equal the DDP run of the same seed; and ``resume=`` of an FSDP run against the uninterrupted one."""
 from __future__ import annotations
 
 import shutil
@@ -88,6 +88,9 @@ def test_shard_setup_makes_the_factors_frozen_parameters_and_keeps_the_trainable
     ignored = module._trainer.strategy.kwargs["ignored_states"]
     assert [id(p) for p in ignored] == [id(p) for p in module.trainable()] and len(ignored) == 3 * n_layers
     assert [type(cb) for cb in module._trainer.callbacks] == [ReplicatedGradSync, ShardReport]
+    # every parameter's whole size was recorded before wrapping (the factors, parameters only since, not counted)
+    factors = {id(t) for l in pm.svd_layers().values() for t in (l.ortho, l.base, l.bias) if t is not None}
+    assert {id(p) for p, _ in pm._pinned_numels} == {id(p) for p in pm.model.parameters() if id(p) not in factors}
     assert factors_as_parameters(pm) == 0  # idempotent
     with pytest.raises(TypeError, match="ACIPModel"):
         factors_as_parameters(torch.nn.Linear(2, 2))
@@ -196,6 +199,15 @@ def check_shards(report: dict, trainable_numel: int) -> None:
         assert r["grad_numel"] == trainable_numel, (i, r["grad_numel"], trainable_numel)
 
 
+def size_ratios(run_dir) -> list[tuple[int, str, str]]:
+    """``(step, size_ratio, size_ratio_full)`` of every row of a run's ``metrics.csv`` (the monitor's, rank 0),
+    the ratios as the exact text written."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), r["size_ratio"], r["size_ratio_full"]) for r in csv.DictReader(f)]
+
+
 def _optimizer_states(ckpt: dict) -> list[dict]:
     """Per parameter, in optimizer order (group by group), its saved Adam state: the ids differ between
     strategies (FSDP keys by model parameter, DDP by position), the order does not."""
@@ -221,6 +233,11 @@ def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(f
     assert fsdp_map.meta["updates"] == ddp_map.meta["updates"] > 0
     assert fsdp_map.digest() == ddp_map.digest()  # the same run, bit for bit
     assert fsdp_map.meta["global_step"] == ddp_map.meta["global_step"]
+    # the logged size ratios, the full one included: whole parameters counted, not rank 0's shard of them
+    # (before ACIPModel.pin_numels the FSDP run logged size_ratio_full 0.8698 at step 10, the DDP run 0.8902)
+    ratios = size_ratios(fsdp_dir)
+    assert len(ratios) >= 3 and ratios == size_ratios(ddp_dir), (ratios, size_ratios(ddp_dir))
+    assert all(float(full) > float(r) for _, r, full in ratios if float(r) < 1)  # the untouched layers count
     # the saved adapters: whole tensors (not a rank's flat shard), equal to the DDP run's
     fsdp_state, ddp_state = (read_tensors(d / STATE_FILE)[0] for d in (fsdp_dir, ddp_dir))
     lora = sorted(k for k in ddp_state if k.endswith((".lora_A", ".lora_B")))

@@ -22,6 +22,8 @@ the trainable tensors outside the shards.
   layer is small next to the factors' ``k (in + out)``. :class:`ReplicatedGradSync` averages the
   trainable tensors' gradients over the ranks before each optimiser step (what DDP's all-reduce does).
 - :class:`ShardReport` prints, once, what each rank holds of the factors (``[acip] fsdp shards``).
+- :func:`shard_setup` records the parameters' whole sizes before wrapping
+  (:meth:`acip.ACIPModel.pin_numels`), so ``size_ratio(full=True)`` counts whole tensors, not shards.
 
 - :func:`rank_zero_with_full_params` runs work that reads the whole model (saving the run directory,
   the final evaluation) on rank 0 with every parameter gathered: outside forward/backward each rank
@@ -259,7 +261,8 @@ def shard_setup(module: Any) -> None:
     (:func:`factors_as_parameters`; unless ``trainer.strategy.shard_factors=false``), the trainable
     tensors (masks, LoRA) become ``ignored_states`` (replicated, their gradients averaged by
     :class:`ReplicatedGradSync`; with ``shard_factors=false`` only the masks, the LoRA factors stay in
-    the shards), and :class:`ShardReport` reports once what each rank holds."""
+    the shards), and :class:`ShardReport` reports once what each rank holds. The model's parameter sizes
+    are recorded first (:meth:`acip.ACIPModel.pin_numels`)."""
     trainer = getattr(module, "_trainer", None)
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -269,6 +272,7 @@ def shard_setup(module: Any) -> None:
     if pm is None or not callable(getattr(module, "trainable", None)):
         raise TypeError(f"shard_setup needs the ACIPModule with its parametrized model (.pm), got {type(module).__name__}"
                         f" with pm={type(pm).__name__}")
+    pm.pin_numels()  # size_ratio(full=True) counts whole tensors, not this rank's shard of them
     if getattr(trainer.strategy, "shard_factors", True):
         factors_as_parameters(pm)
         replicated = list(module.trainable())
