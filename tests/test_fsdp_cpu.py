@@ -1,7 +1,8 @@
 """trainer=fsdp: the auto-wrap policy (one FSDP unit per decoder block), the SVD factors sharded (frozen
 parameters) with masks and LoRA factors outside the shards, and two CPU processes (gloo) running the tiny model
-end to end: each rank holds half of the factors, and LoRA adapters, post-tuning and the final evaluation equal
-the DDP run of the same seed; and ``resume=`` of an FSDP run against the uninterrupted one."""
+end to end: each rank holds half of the factors, and LoRA adapters, post-tuning, the final evaluation and the
+logged size ratios equal the DDP run of the same seed; ``resume=`` of an FSDP run against the uninterrupted one;
+and gradient clipping by norm against DDP's."""
 from __future__ import annotations
 
 import shutil
@@ -88,6 +89,10 @@ def test_shard_setup_makes_the_factors_frozen_parameters_and_keeps_the_trainable
     ignored = module._trainer.strategy.kwargs["ignored_states"]
     assert [id(p) for p in ignored] == [id(p) for p in module.trainable()] and len(ignored) == 3 * n_layers
     assert [type(cb) for cb in module._trainer.callbacks] == [ReplicatedGradSync, ShardReport]
+    assert module._trainer.strategy.replicated == {id(p) for p in ignored}  # ClipAfterSync: whole on every rank
+    # every parameter's whole size was recorded before wrapping (the factors, parameters only since, not counted)
+    factors = {id(t) for l in pm.svd_layers().values() for t in (l.ortho, l.base, l.bias) if t is not None}
+    assert {id(p) for p, _ in pm._pinned_numels} == {id(p) for p in pm.model.parameters() if id(p) not in factors}
     assert factors_as_parameters(pm) == 0  # idempotent
     with pytest.raises(TypeError, match="ACIPModel"):
         factors_as_parameters(torch.nn.Linear(2, 2))
@@ -112,6 +117,22 @@ def test_shard_setup_without_shard_factors_and_outside_fsdp_leaves_the_buffers()
     assert {"ortho", "base"} <= set(layer._buffers) and "ortho" not in layer._parameters
     ignored = fsdp._trainer.strategy.kwargs["ignored_states"]
     assert [id(p) for p in ignored] == [id(p) for p in fsdp.pm.mask_parameters()]
+    assert fsdp._trainer.strategy.replicated == {id(p) for p in ignored}  # LoRA: sharded, clipped by FSDP's norm
+
+
+def test_the_fsdp_strategy_clips_by_norm_where_lightnings_fsdp_precision_refuses():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    from acip.train.scale import ClipAfterSync
+
+    with pytest.raises(MisconfigurationException, match="norm"):
+        FSDPPrecision("32-true").clip_grad_by_norm(None, 1.0)  # why ClipAfterSync exists
+    strategy = fsdp_strategy()
+    assert isinstance(strategy.precision_plugin, ClipAfterSync) and strategy.precision_plugin.strategy is strategy
+    strategy.precision_plugin = FSDPPrecision("bf16-mixed")  # what Lightning's connector sets
+    plugin = strategy.precision_plugin
+    assert type(plugin) is ClipAfterSync and plugin.precision == "bf16-mixed" and plugin.strategy is strategy
 
 
 def test_fsdp_config_builds_the_acip_strategy():
@@ -196,6 +217,15 @@ def check_shards(report: dict, trainable_numel: int) -> None:
         assert r["grad_numel"] == trainable_numel, (i, r["grad_numel"], trainable_numel)
 
 
+def size_ratios(run_dir) -> list[tuple[int, str, str]]:
+    """``(step, size_ratio, size_ratio_full)`` of every row of a run's ``metrics.csv`` (the monitor's, rank 0),
+    the ratios as the exact text written."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), r["size_ratio"], r["size_ratio_full"]) for r in csv.DictReader(f)]
+
+
 def _optimizer_states(ckpt: dict) -> list[dict]:
     """Per parameter, in optimizer order (group by group), its saved Adam state: the ids differ between
     strategies (FSDP keys by model parameter, DDP by position), the order does not."""
@@ -221,6 +251,11 @@ def test_fsdp_two_cpu_processes_with_lora_post_tune_and_eval_match_the_ddp_run(f
     assert fsdp_map.meta["updates"] == ddp_map.meta["updates"] > 0
     assert fsdp_map.digest() == ddp_map.digest()  # the same run, bit for bit
     assert fsdp_map.meta["global_step"] == ddp_map.meta["global_step"]
+    # the logged size ratios, the full one included: whole parameters counted, not rank 0's shard of them
+    # (before ACIPModel.pin_numels the FSDP run logged size_ratio_full 0.8698 at step 10, the DDP run 0.8902)
+    ratios = size_ratios(fsdp_dir)
+    assert len(ratios) >= 3 and ratios == size_ratios(ddp_dir), (ratios, size_ratios(ddp_dir))
+    assert all(float(full) > float(r) for _, r, full in ratios if float(r) < 1)  # the untouched layers count
     # the saved adapters: whole tensors (not a rank's flat shard), equal to the DDP run's
     fsdp_state, ddp_state = (read_tensors(d / STATE_FILE)[0] for d in (fsdp_dir, ddp_dir))
     lora = sorted(k for k in ddp_state if k.endswith((".lora_A", ".lora_B")))
@@ -298,3 +333,47 @@ def test_fsdp_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(fsdp_r
     check_shards(shard_report(proc.stdout + proc.stderr), trainable)  # the resumed run shards the same way
     res, ref = (json.loads((d / "results.json").read_text()) for d in (run, fsdp_run))
     assert res["ppl"] == ref["ppl"] and res["val_ppl"] == ref["val_ppl"] and res["stop_step"] == ref["stop_step"]
+
+
+CLIP_ARGS = (*RUN_ARGS, "eval.enabled=false", "trainer.gradient_clip_val=1.0")
+
+
+def test_fsdp_gradient_clipping_by_norm_matches_the_ddp_run(fsdp_run, tmp_path):
+    """``trainer.gradient_clip_val`` under trainer=fsdp (Lightning's own FSDPPrecision refuses it): the
+    global norm over every trainable tensor after the gradient all-reduce, as DDP clips. With the default
+    sharded factors (masks and LoRA replicated) the run is the DDP run's bit for bit; with
+    ``shard_factors=false`` (LoRA gradients sharded: torch's FSDP norm) equal to rounding. Clipping at 1.0
+    changes the run (the score map differs from the unclipped FSDP run's)."""
+    import torch
+
+    import acip
+    from acip.core.io import read_tensors
+    from acip.core.parametrize import STATE_FILE
+
+    runs = {"ddp": ("trainer=ddp", "trainer.devices=2"), "fsdp": FSDP_ARGS,
+            "fsdp_lora_sharded": (*FSDP_ARGS, "trainer.strategy.shard_factors=false")}
+    for name, args in runs.items():
+        run = tmp_path / name
+        cmd = [sys.executable, "-m", "acip.compress", *CLIP_ARGS, f"hydra.run.dir={run}", *args]
+        proc = run_compress(run, cmd=cmd, env=child_env(WANDB_MODE="disabled"), timeout=900)
+        assert "ReplicaMismatchError" not in proc.stderr
+    maps = {n: acip.ScoreMap.load(tmp_path / n / "score_map.safetensors") for n in runs}
+    states = {n: read_tensors(tmp_path / n / STATE_FILE)[0] for n in runs}
+    ddp_map, ddp_state = maps["ddp"], states["ddp"]
+    assert ddp_map.digest() != acip.ScoreMap.load(fsdp_run / "score_map.safetensors").digest()  # clipping acted
+    assert maps["fsdp"].digest() == ddp_map.digest() and maps["fsdp"].meta["updates"] == ddp_map.meta["updates"]
+    trained = sorted(k for k in ddp_state if k.endswith((".mask", ".lora_A", ".lora_B")))
+    assert len(trained) == 42 and any(float(ddp_state[k].abs().max()) > 0 for k in trained if k.endswith(".lora_B"))
+    for name in ("fsdp", "fsdp_lora_sharded"):
+        assert sorted(k for k in states[name] if k in trained) == trained
+        diff = max(float((states[name][k] - ddp_state[k]).abs().max()) for k in trained)
+        print(f"[fsdp clip vs ddp clip] {name}: masks and LoRA max |diff| {diff:.3g} over {len(trained)} tensors")
+        for k in trained:
+            torch.testing.assert_close(states[name][k], ddp_state[k], rtol=0, atol=LORA_ATOL, msg=f"{name} {k}")
+        assert size_ratios(tmp_path / name) == size_ratios(tmp_path / "ddp"), name
+    # measured: 0 for "fsdp" (the same clip_grad_norm_ call on the same averaged gradients), ~1e-8 with LoRA sharded
+    assert all(torch.equal(states["fsdp"][k], ddp_state[k]) for k in trained)
+    got = maps["fsdp_lora_sharded"]
+    assert got.meta["updates"] == ddp_map.meta["updates"]
+    for k, v in ddp_map.scores.items():
+        torch.testing.assert_close(got.scores[k], v, rtol=0, atol=LORA_ATOL, msg=k)

@@ -65,6 +65,37 @@ def test_size_ratio_follows_masks(tiny_llama):
     assert expect < pm.size_ratio(full=True) < 1.0
 
 
+def test_full_size_ratio_counts_every_other_parameter_once_and_pinned_sizes_survive_sharding(tiny_llama):
+    pm = acip.parametrize(tiny_llama, lora={"r": 2, "lora_alpha": 4})
+    layers = pm.svd_layers()
+    with torch.no_grad():
+        for l in layers.values():
+            l.mask[l.max_rank // 2:] = -1
+    own = {id(p) for l in layers.values() for p in l.parameters()}
+    rest = sum(p.numel() for p in {id(p): p for p in tiny_llama.parameters()}.values() if id(p) not in own)
+    assert rest > 0 and pm.other_numel() == rest  # embeddings, norms, head: tied weights once, no mask or LoRA
+    now = sum(l.cost(l.max_rank // 2) for l in layers.values())
+    dense = sum(l.dense_cost() for l in layers.values())
+    ratio = (rest + now) / (rest + dense)
+    assert pm.size_ratio(full=True) == pytest.approx(ratio, rel=1e-12)
+    # what FSDP (use_orig_params=True) leaves one rank: the same parameter objects, each a 1-D piece of itself
+    pm.pin_numels()
+    twin = copy.deepcopy(pm)  # the record follows the copy's own parameters
+    for model in (pm, twin):
+        for p in model.model.parameters():
+            if id(p) not in {id(q) for l in model.svd_layers().values() for q in l.parameters()}:
+                p.data = p.data.reshape(-1)[: p.numel() // 2]
+    assert pm.size_ratio(full=True) == twin.size_ratio(full=True) == pytest.approx(ratio, rel=1e-12)
+    unpinned = copy.deepcopy(twin)
+    unpinned._pinned_numels = []
+    assert unpinned.other_numel() < rest  # counted as is: half of each tensor
+    # a parameter that did not exist when the sizes were pinned counts as it is (the tiny Llama ties its head
+    # to the embedding: untying it adds the new head, the embedding keeps its pinned size)
+    assert pm.model.lm_head.weight is pm.model.model.embed_tokens.weight
+    pm.model.lm_head.weight = torch.nn.Parameter(torch.zeros(3, 5), requires_grad=False)
+    assert pm.other_numel() == rest + 15
+
+
 def test_target_and_exclude(tiny_llama):
     pm = acip.parametrize(copy.deepcopy(tiny_llama), target_modules=["q_proj", "v_proj"])
     assert sorted({n.rsplit(".", 1)[1] for n in pm.svd_layers()}) == ["q_proj", "v_proj"]

@@ -73,6 +73,7 @@ class ACIPModel(nn.Module):
         self.basis = basis
         self.score_map: ScoreMap | None = None
         self._basis_written: tuple | None = None  # (file identity, digest) of the last basis file written
+        self._pinned_numels: list[tuple[nn.Parameter, int]] = []  # (parameter, its whole numel): pin_numels()
 
     # ------------------------------------------------------------------ behave like the model
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -114,17 +115,40 @@ class ACIPModel(nn.Module):
         """Parameters at the current active ranks / dense parameters.
 
         ``full=False``: target layers only, ``sum_l cost_l(r_l) / sum_l (in_l*out_l + bias_l)``.
-        ``full=True``: the whole model, every other (unique) parameter counted as is, LoRA excluded
-        (it is folded into the factors on export).
+        ``full=True``: the whole model, ``(rest + sum_l cost_l(r_l)) / (rest + sum_l dense_l)`` with
+        ``rest`` = :meth:`other_numel` (every unique parameter outside the SVD layers, counted as is);
+        LoRA is excluded (it is folded into the factors on export).
         """
         layers = self.svd_layers()
         now = sum(l.cost(l.active_rank()) for l in layers.values())
         dense = sum(l.dense_cost() for l in layers.values())
         if not full:
             return now / dense
-        own = {id(p) for l in layers.values() for p in l.parameters()}  # masks, LoRA
-        rest = sum(p.numel() for p in self.model.parameters() if id(p) not in own)
+        rest = self.other_numel()
         return (rest + now) / (rest + dense)
+
+    def other_numel(self) -> int:
+        """Elements of every unique parameter outside the SVD layers (embeddings, norms, head).
+
+        A parameter recorded by :meth:`pin_numels` counts with its recorded size, any other with
+        ``p.numel()``. The SVD layers' own tensors (factors, masks, LoRA) never count here.
+        """
+        own = {id(p) for l in self.svd_layers().values() for p in l.parameters()}  # masks, LoRA, factors
+        pinned = {id(p): n for p, n in self._pinned_numels}
+        return sum(pinned.get(id(p), p.numel()) for p in self.model.parameters() if id(p) not in own)
+
+    def pin_numels(self) -> None:
+        """Record the size of every parameter of the model now, for :meth:`other_numel` (hence
+        ``size_ratio(full=True)``) to count from then on.
+
+        Call it before a sharding wrapper takes the model: FSDP (``use_orig_params=True``) keeps the
+        parameter objects but leaves each rank a 1-D piece of each (empty where it lies in another
+        rank's piece), so ``p.numel()`` would count this rank's shard and the full size ratio would
+        differ between ranks and from an unsharded run. The record holds the parameters themselves
+        (a deep copy maps it onto the copy's parameters); a parameter that replaces one later counts
+        as is. Calling it again records the sizes anew.
+        """
+        self._pinned_numels = [(p, p.numel()) for p in self.model.parameters()]
 
     # ------------------------------------------------------------------ reversible pruning
     @torch.no_grad()

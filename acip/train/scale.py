@@ -22,6 +22,10 @@ the trainable tensors outside the shards.
   layer is small next to the factors' ``k (in + out)``. :class:`ReplicatedGradSync` averages the
   trainable tensors' gradients over the ranks before each optimiser step (what DDP's all-reduce does).
 - :class:`ShardReport` prints, once, what each rank holds of the factors (``[acip] fsdp shards``).
+- ``trainer.gradient_clip_val`` (clip by norm) works as under DDP (:class:`ClipAfterSync`): Lightning's
+  own ``FSDPPrecision`` refuses it, for want of the root module to call FSDP's ``clip_grad_norm_`` on.
+- :func:`shard_setup` records the parameters' whole sizes before wrapping
+  (:meth:`acip.ACIPModel.pin_numels`), so ``size_ratio(full=True)`` counts whole tensors, not shards.
 
 - :func:`rank_zero_with_full_params` runs work that reads the whole model (saving the run directory,
   the final evaluation) on rank 0 with every parameter gathered: outside forward/backward each rank
@@ -36,10 +40,11 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
 from torch import nn
 
-__all__ = ["DecoderBlockPolicy", "ReplicatedGradSync", "ShardReport", "factor_numels", "factors_as_parameters",
-           "fsdp_strategy", "is_fsdp", "rank_zero_with_full_params", "shard_setup"]
+__all__ = ["ClipAfterSync", "DecoderBlockPolicy", "ReplicatedGradSync", "ShardReport", "factor_numels",
+           "factors_as_parameters", "fsdp_strategy", "is_fsdp", "rank_zero_with_full_params", "shard_setup"]
 
 FACTORS = ("ortho", "base", "bias")  # the frozen tensors of an SVDLinear that FSDP shards
 
@@ -69,6 +74,41 @@ class DecoderBlockPolicy:
         return True if recurse else type(module).__name__ in self.names
 
 
+class ClipAfterSync(FSDPPrecision):
+    """Lightning's ``FSDPPrecision`` that clips by norm (``trainer.gradient_clip_val``, algorithm "norm")
+    as DDP does: ``g <- g * min(1, c / (||g|| + 1e-6))``, ``||g||`` the 2-norm over every gradient of the
+    optimizer's parameters, each tensor counted once over all ranks.
+
+    Lightning calls it after every ``on_before_optimizer_step`` hook, so after :class:`ReplicatedGradSync`
+    averaged the replicated tensors' gradients (the all-reduce DDP does in backward). ``strategy.replicated``
+    (ids, set by :func:`shard_setup`) names the tensors outside the shards, whole and equal on every rank:
+    when it holds every parameter of the optimizer (the default, ``shard_factors=true``), the clip is
+    Lightning's DDP one, ``torch.nn.utils.clip_grad_norm_`` over the optimizer's parameters, and its
+    result the DDP run's bit for bit. Otherwise some gradients are FSDP shards (``shard_factors=false``:
+    LoRA in the flat parameters), and the clip is torch's ``FullyShardedDataParallel.clip_grad_norm_`` on
+    the root unit: ``||g||^2`` = the shards' squares summed over the ranks + the replicated tensors'
+    (counted once) -- over every parameter of the model with a gradient, which here are the optimizer's.
+    Clipping by value is elementwise and stays Lightning's.
+    """
+
+    def __init__(self, precision: Any, scaler: Any = None, strategy: Any = None) -> None:
+        super().__init__(precision, scaler)
+        self.strategy = strategy
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
+        replicated = getattr(self.strategy, "replicated", frozenset())
+        if all(id(p) in replicated for p in self.main_params(optimizer)):
+            Precision.clip_grad_by_norm(self, optimizer, clip_val)  # DDP's: every gradient is whole here
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = getattr(self.strategy, "model", None)
+        if not isinstance(root, FSDP):
+            raise RuntimeError(f"trainer=fsdp: clipping sharded gradients needs the FSDP-wrapped root module, "
+                               f"the strategy holds a {type(root).__name__}")
+        root.clip_grad_norm_(clip_val)
+
+
 def fsdp_strategy(block_classes: list[str] | tuple[str, ...] = (), shard_factors: bool = True, **kwargs: Any) -> Any:
     """Lightning's ``FSDPStrategy`` with :class:`DecoderBlockPolicy` and ``use_orig_params=True`` (the
     model keeps its own parameters, as views of the shards; with ``shard_factors=False`` frozen and
@@ -85,6 +125,22 @@ def fsdp_strategy(block_classes: list[str] | tuple[str, ...] = (), shard_factors
     from lightning.pytorch.strategies import FSDPStrategy
 
     class ACIPFSDPStrategy(FSDPStrategy):
+        replicated: frozenset[int] = frozenset()  # ids of the tensors outside the shards (shard_setup)
+
+        @property
+        def precision_plugin(self) -> FSDPPrecision:
+            plugin = self._precision_plugin
+            return plugin if plugin is not None else ClipAfterSync("32-true", strategy=self)
+
+        @precision_plugin.setter
+        def precision_plugin(self, plugin: Precision | None) -> None:
+            """Lightning's connector sets an ``FSDPPrecision``: the same precision and scaler, clipping by norm."""
+            if type(plugin) is FSDPPrecision:
+                plugin = ClipAfterSync(plugin.precision, plugin.scaler, strategy=self)
+            FSDPStrategy.precision_plugin.fset(self, plugin)
+            if isinstance(plugin, ClipAfterSync):
+                plugin.strategy = self
+
         def _setup_model(self, model: nn.Module) -> nn.Module:
             if self.root_device.type != "cpu":
                 return super()._setup_model(model)
@@ -259,7 +315,8 @@ def shard_setup(module: Any) -> None:
     (:func:`factors_as_parameters`; unless ``trainer.strategy.shard_factors=false``), the trainable
     tensors (masks, LoRA) become ``ignored_states`` (replicated, their gradients averaged by
     :class:`ReplicatedGradSync`; with ``shard_factors=false`` only the masks, the LoRA factors stay in
-    the shards), and :class:`ShardReport` reports once what each rank holds."""
+    the shards), and :class:`ShardReport` reports once what each rank holds. The model's parameter sizes
+    are recorded first (:meth:`acip.ACIPModel.pin_numels`)."""
     trainer = getattr(module, "_trainer", None)
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -269,12 +326,14 @@ def shard_setup(module: Any) -> None:
     if pm is None or not callable(getattr(module, "trainable", None)):
         raise TypeError(f"shard_setup needs the ACIPModule with its parametrized model (.pm), got {type(module).__name__}"
                         f" with pm={type(pm).__name__}")
+    pm.pin_numels()  # size_ratio(full=True) counts whole tensors, not this rank's shard of them
     if getattr(trainer.strategy, "shard_factors", True):
         factors_as_parameters(pm)
         replicated = list(module.trainable())
     else:
         replicated = list(pm.mask_parameters())
     trainer.strategy.kwargs["ignored_states"] = replicated
+    trainer.strategy.replicated = frozenset(id(p) for p in replicated)  # ClipAfterSync: whole on every rank
     for cb in [cb for cb in trainer.callbacks if isinstance(cb, (ReplicatedGradSync, ShardReport))]:
         trainer.callbacks.remove(cb)
     trainer.callbacks.extend([ReplicatedGradSync({id(p) for p in replicated}), ShardReport()])

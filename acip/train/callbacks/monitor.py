@@ -1,5 +1,6 @@
 """Monitoring every ``every`` steps: size ratio, active ranks per layer, L1 weight, task loss,
-L1 loss, step time and tokens/s. Losses are averaged over ranks; tokens/s counts all ranks.
+L1 loss, step time and tokens/s. Losses are averaged over ranks; tokens/s counts all ranks. Under
+``trainer=fsdp`` ``size_ratio_full`` counts whole tensors, not a rank's shard (:meth:`acip.ACIPModel.pin_numels`).
 
 Rows go to every Lightning logger (W&B, CSV) and to ``<run_dir>/metrics.csv`` (rewritten
 atomically; rank 0 only). A one-line summary is printed.
