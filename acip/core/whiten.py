@@ -23,32 +23,27 @@ from .parametrize import ACIPModel, parametrize
 from .score_map import ScoreMap
 from .surgery import find_targets
 
-__all__ = ["activation_aware", "calibrate_whitening"]
+__all__ = ["activation_aware", "calibrate_whitening", "input_grams"]
 
 
 @torch.no_grad()
-def calibrate_whitening(
+def input_grams(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
     target_modules: str | list[str] = "all-linear",
     exclude_modules: str | list[str] | None = None,
-    damp: float = 1e-2,
     share_inputs: bool = True,
+    desc: str = "calibration",
 ) -> dict[str, torch.Tensor]:
-    """Cholesky factors ``L`` (in x in, float64 -> model dtype) of each target layer's ``X^T X``.
+    """``X^T X`` (in x in, float64) of each target layer's calibration inputs ``X`` (tokens x in).
 
-    ``batches`` yields ``input_ids`` tensors. ``damp`` adds ``damp * mean(diag)`` to the diagonal
-    so that ``L`` exists even for rank-deficient activations.
-
-    Layers that read the very same input tensor (q/k/v of one attention, gate/up of one MLP) have
-    the same ``X`` and so the same ``X^T X``: with ``share_inputs`` (default) one fp64 Gram is
-    accumulated and factorized per distinct input, and every layer of the group gets its own copy
-    of that factor (bit-identical to calibrating each layer alone). Two layers share only if the
-    second one's forward receives the tensor object the previous target layer received, on every
-    batch. ``share_inputs=False`` keeps one Gram per layer.
-
-    Everything runs on the model's device (the ids are moved there, the Gram matrices and their
-    Cholesky factors stay there); the batches are consumed one at a time, never held as a list.
+    ``batches`` yields ``input_ids`` tensors, consumed one at a time (never held as a list); every
+    forward runs on the model's device and the Gram matrices stay there. Layers that read the very
+    same input tensor (q/k/v of one attention, gate/up of one MLP) have the same ``X``: with
+    ``share_inputs`` (default) one Gram is accumulated per distinct input and the layers of a group
+    get **the same tensor object** (copy it before writing to it or saving it). Two layers share
+    only if the second one's forward receives the tensor object the previous target layer received,
+    on every batch. ``share_inputs=False`` keeps one Gram per layer.
     """
     from tqdm.auto import tqdm
 
@@ -76,7 +71,7 @@ def calibrate_whitening(
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     try:
-        for ids in tqdm(batches, desc="calibration", leave=False):
+        for ids in tqdm(batches, desc=desc, leave=False):
             last[0] = last[1] = None
             model(input_ids=ids.to(device))
             last[0] = last[1] = None  # drop the reference to the last input
@@ -85,13 +80,37 @@ def calibrate_whitening(
             h.remove()
     if not grams:
         raise ValueError("calibration saw no batches: pass at least one tensor of input_ids")
-    factors = {}
+    return {n: grams[owner[n]] for n in names if n in owner}
+
+
+@torch.no_grad()
+def calibrate_whitening(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+    damp: float = 1e-2,
+    share_inputs: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Cholesky factors ``L`` (in x in, float64 -> model dtype) of each target layer's ``X^T X``.
+
+    ``batches`` yields ``input_ids`` tensors. ``damp`` adds ``damp * mean(diag)`` to the diagonal
+    so that ``L`` exists even for rank-deficient activations. The Gram matrices come from
+    :func:`input_grams`: with ``share_inputs`` (default) one fp64 Gram is accumulated and
+    factorized per distinct input, and every layer of a group gets its own copy of that factor
+    (bit-identical to calibrating each layer alone). Everything runs on the model's device.
+    """
+    grams = input_grams(model, batches, target_modules, exclude_modules, share_inputs)
+    factors: dict[int, torch.Tensor] = {}
+    out = {}
     for n, g in grams.items():
-        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        g = g + damp * g.diagonal().mean().clamp_min(1e-12) * eye
-        factors[n] = torch.linalg.cholesky(g).float()
-    # each layer its own tensor: shared storage would be refused by safetensors when saved
-    return {n: factors[n] if owner[n] == n else factors[owner[n]].clone() for n in names if n in owner}
+        if id(g) not in factors:
+            eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+            factors[id(g)] = torch.linalg.cholesky(g + damp * g.diagonal().mean().clamp_min(1e-12) * eye).float()
+            out[n] = factors[id(g)]
+        else:  # each layer its own tensor: shared storage would be refused by safetensors when saved
+            out[n] = factors[id(g)].clone()
+    return out
 
 
 def activation_aware(

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 __all__ = ["EntropyQuantConfig", "NF4Config", "config_from_dict", "FORMATS", "FALLBACKS", "BACKENDS", "ALLOCATIONS",
-           "SOLVERS"]
+           "SOLVERS", "ROUNDINGS"]
 
 FORMATS = ("e4m3", "int8", "uniform")
 FALLBACKS = ("absmax8", "raise", "keep")
 BACKENDS = ("auto", "torch", "constriction")
 ALLOCATIONS = ("uniform", "sensitivity")
 SOLVERS = ("search", "lbfgs")
+ROUNDINGS = ("nearest", "gptq")
 
 
 def _number(name: str, value: Any, *, lo: float, lo_open: bool = False, hint: str) -> float:
@@ -158,6 +159,20 @@ class EntropyQuantConfig:
             cost model of :mod:`acip.quant.sensitivity` (needs calibration batches of training
             text: ``quantize_(model, cfg, calib=batches)``; see ``plan_layer_lams`` there):
             layers whose error costs more loss get a smaller lam (more bits).
+        rounding: how the codes are chosen once the steps are set. "nearest" (default, data-free):
+            ``q = round(W / Delta)``. "gptq" (``fmt="uniform"`` only; calibration batches needed:
+            ``quantize_(model, cfg, calib=batches)``): the same per-row steps ``Delta_i`` and the same
+            per-tensor ``c``, but the codes are chosen column by column with GPTQ's error feedback
+            (Frantar et al., 2022). With ``H = X^T X + damp * mean(diag) * I`` of the layer's
+            calibration inputs ``X`` (tokens x in) and ``U`` the upper Cholesky factor of ``H^{-1}``,
+            after rounding column ``j`` its error ``e = (w_j - q_j * Delta) / U_jj`` is pushed onto
+            the columns not rounded yet, ``W[:, j+1:] -= e U[j, j+1:]``: a greedy minimiser of the
+            layer's output error ``||(W - What) X^T||_F^2`` instead of ``||W - What||_F^2``. The
+            stored layer is the same kind (method "ecsq"), so the decoder does not change.
+            ``allocation="sensitivity"`` combines with it (lam per layer, then gptq codes).
+        damp: ``rounding="gptq"``'s dampening of ``H`` (> 0; relative to the mean of its diagonal).
+        gram: set by ``quantize_`` for each layer with ``rounding="gptq"`` (its inputs' ``X^T X``,
+            :func:`acip.core.whiten.input_grams`); never saved, not part of the config's identity.
     """
 
     lam: float = 14.5
@@ -176,6 +191,9 @@ class EntropyQuantConfig:
     backend: str = "auto"
     allocation: str = "uniform"
     solver: str = "search"
+    rounding: str = "nearest"
+    damp: float = 0.01
+    gram: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.lam = _number("lam", self.lam, lo=0.0, hint="use lam >= 0 (larger lam, fewer bits; e.g. 3.9, 14.5 or 58)")
@@ -199,11 +217,27 @@ class EntropyQuantConfig:
                                   "'uniform' is data-free; 'sensitivity' needs quantize_(model, cfg, calib=batches).")
         self.solver = _choice("solver", self.solver, SOLVERS,
                               "'search' is exact and the default; 'lbfgs' is the EntQuant paper's optimiser.")
+        self.rounding = _choice("rounding", self.rounding, ROUNDINGS,
+                                "'nearest' is data-free; 'gptq' needs fmt='uniform' and quantize_(model, cfg, calib=batches).")
+        if self.rounding == "gptq" and self.fmt != "uniform":
+            raise ValueError(f"EntropyQuantConfig(rounding='gptq') needs fmt='uniform' (uniform steps per row), got "
+                             f"fmt={self.fmt!r}; pass EntropyQuantConfig(fmt='uniform', rounding='gptq', lam=...)")
+        self.damp = _number("damp", self.damp, lo=0.0, lo_open=True, hint="use e.g. damp=0.01")
+        if self.gram is not None:
+            import torch
+
+            if not isinstance(self.gram, torch.Tensor) or self.gram.dim() != 2 or self.gram.shape[0] != self.gram.shape[1]:
+                raise TypeError(f"EntropyQuantConfig.gram must be a square tensor (a layer input's X^T X) or None, got "
+                                f"{getattr(self.gram, 'shape', type(self.gram).__name__)}; quantize_ sets it from calib=")
 
     def to_dict(self) -> dict[str, Any]:
         d = _to_dict(self)
-        if d["allocation"] == "uniform":  # saved configs stay byte-identical to the uniform-only format
-            del d["allocation"]
+        del d["gram"]
+        for k, default in (("allocation", "uniform"), ("rounding", "nearest")):
+            if d[k] == default:  # saved configs stay byte-identical to the format before the option
+                del d[k]
+        if "rounding" not in d:
+            del d["damp"]
         return d
 
 

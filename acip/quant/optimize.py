@@ -47,7 +47,7 @@ from .config import EntropyQuantConfig
 from .formats import Format, code_values, entropy_bits, get_format
 
 __all__ = ["QuantResult", "quantize_weight", "absmax8", "dequantize", "OutlierError", "measure_rates", "coded_size",
-           "coded_size_of_hist", "search_exponents", "quantize_uniform", "uniform_steps", "UNIFORM_STEP_DEN",
+           "coded_size_of_hist", "search_exponents", "quantize_uniform", "gptq_codes", "uniform_steps", "UNIFORM_STEP_DEN",
            "UNIFORM_RATE_UNIT"]
 
 T_MIN, T_MAX = -120, 120  # exponents are stored as int8
@@ -305,7 +305,48 @@ def _uniform_eval(W: torch.Tensor, c: float, norm2: float, keep: bool = False) -
     return d, float(-(p * p.log2()).sum()), ((t, off, q) if keep else None)
 
 
-def quantize_uniform(W: torch.Tensor, lam: float, name: str = "weight") -> QuantResult:
+def gptq_codes(W: torch.Tensor, steps: torch.Tensor, gram: torch.Tensor, damp: float = 0.01, block: int = 128,
+               name: str = "weight") -> torch.Tensor:
+    """Codes ``q`` (float, in ``[-127, 127]``) of ``W`` on the per-row steps ``steps`` with GPTQ's error feedback.
+
+    ``H = gram + damp * mean(diag(gram)) * I`` (``gram = X^T X`` of the layer's inputs, in x in) and
+    ``U`` the upper Cholesky factor of ``H^{-1}``. Column by column (in blocks of ``block``, the
+    update of the later blocks done once per block, as in the GPTQ paper): ``q_j = round(w_j /
+    Delta)``, ``e = (w_j - q_j Delta) / U_jj``, ``W[:, j+1:] -= e U[j, j+1:]``. Each step is the
+    optimal correction of the not-yet-rounded columns for the output error ``||(W - What) X^T||^2``
+    (the OBS update). Codes are clamped to +-127 (a corrected weight may leave the range its step
+    was set for).
+    """
+    n_in = W.shape[1]
+    if gram.shape != (n_in, n_in):
+        raise ValueError(f"{name}: the calibration Gram is {tuple(gram.shape)} but the weight has {n_in} input "
+                         f"columns; pass the X^T X of this layer's inputs")
+    H = gram.detach().to(W.device, torch.float64).clone()
+    H.diagonal().add_(damp * float(H.diagonal().mean().clamp_min(1e-12)))
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(W.dtype)
+    except RuntimeError as e:  # linalg errors on a non-positive-definite matrix
+        raise ValueError(f"{name}: the dampened calibration Gram is not positive definite ({e}); raise damp "
+                         f"(now {damp:g}) or calibrate on more tokens") from None
+    W = W.clone()
+    s = steps.reshape(-1).to(W.dtype)
+    Q = torch.empty_like(W)
+    for i1 in range(0, n_in, block):
+        i2 = min(i1 + block, n_in)
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)
+        for j in range(i2 - i1):
+            q = torch.round(W1[:, j] / s).clamp_(-UNIFORM_Q_MAX, UNIFORM_Q_MAX)
+            Q[:, i1 + j] = q
+            e = (W1[:, j] - q * s) / U1[j, j]
+            W1[:, j + 1:] -= e[:, None] * U1[j, j + 1:][None, :]
+            E1[:, j] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q
+
+
+def quantize_uniform(W: torch.Tensor, lam: float, name: str = "weight", gram: torch.Tensor | None = None,
+                     damp: float = 0.01) -> QuantResult:
     """Entropy-coded uniform scalar quantization (ECSQ) of one weight: ``fmt="uniform"``.
 
     Every row ``i`` gets the step ``Delta_i ~ c * rms_i`` (:func:`uniform_steps`: rounded to 1/16
@@ -320,6 +361,9 @@ def quantize_uniform(W: torch.Tensor, lam: float, name: str = "weight") -> Quant
     while the best is at an end), then a pattern search down to 1/16 octave (about 15 evaluations
     of ``J``, one pass over ``W`` each). ``lam = 0`` gives 8-bit absmax steps. Stored: codes, int8 ``t`` and
     ``offset`` (``QuantResult.step_offset``), method ``"ecsq"``, code format ``"int8"``.
+
+    ``gram`` (``X^T X`` of the layer's calibration inputs): the steps and ``c`` are chosen as above,
+    then the codes by :func:`gptq_codes` instead of rounding to nearest (``rounding="gptq"``).
     """
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0:
         raise ValueError(f"{name}: quantize_uniform expects a non-empty 2-D weight, got "
@@ -363,6 +407,8 @@ def quantize_uniform(W: torch.Tensor, lam: float, name: str = "weight") -> Quant
                 best = cand
             c = 2.0 ** (best / den)
         _, _, (t, off, q) = _uniform_eval(W, c, norm2, keep=True)
+        if gram is not None:
+            q = gptq_codes(W, torch.exp2((t.float() + float(off)) / UNIFORM_STEP_DEN), gram, damp, name=name)
     codes = q.to(torch.int8).view(torch.uint8)
     return _finish(W, codes, t, "ecsq", "int8", iterations=evals, step_offset=off)
 
@@ -388,7 +434,10 @@ def quantize_weight(W: torch.Tensor, cfg: EntropyQuantConfig, name: str = "weigh
         return None if cfg.fallback == "keep" else absmax8(W, reason=reason)
 
     if cfg.fmt == "uniform":
-        res = quantize_uniform(W, cfg.lam, name)
+        if cfg.rounding == "gptq" and cfg.gram is None:
+            raise ValueError(f"{name}: rounding='gptq' needs the layer's calibration Gram; quantize_(model, cfg, "
+                             f"calib=batches) sets it")
+        res = quantize_uniform(W, cfg.lam, name, gram=cfg.gram if cfg.rounding == "gptq" else None, damp=cfg.damp)
         if res.rel_error > cfg.max_rel_error:
             return fall(f"relative error {res.rel_error:.3f} > max_rel_error={cfg.max_rel_error:g}")
         return res

@@ -151,20 +151,39 @@ def _check_weights(targets: Mapping[str, nn.Linear]) -> None:
 
 
 def _per_layer_configs(model: nn.Module, cfg: Any, targets: Mapping[str, nn.Linear], calib: Any) -> dict[str, Any]:
-    """``{name: config}`` where the config's allocation varies it by layer; empty for a uniform one."""
-    if getattr(cfg, "allocation", "uniform") != "sensitivity":
+    """``{name: config}`` where the config varies by layer (``allocation="sensitivity"``: its lam;
+    ``rounding="gptq"``: its inputs' Gram); empty for a data-free config."""
+    sens = getattr(cfg, "allocation", "uniform") == "sensitivity"
+    gptq = getattr(cfg, "rounding", "nearest") == "gptq"
+    if not (sens or gptq):
         if calib is not None:
-            raise ValueError(f"calib= is used only by allocation='sensitivity'; {type(cfg).__name__} here is data-free "
-                             f"(pass EntropyQuantConfig(lam=..., allocation='sensitivity') to use the batches)")
+            raise ValueError(f"calib= is used only by allocation='sensitivity' or rounding='gptq'; {type(cfg).__name__} "
+                             f"here is data-free (pass EntropyQuantConfig(lam=..., allocation='sensitivity') or "
+                             f"EntropyQuantConfig(fmt='uniform', rounding='gptq') to use the batches)")
         return {}
     if calib is None:
-        raise ValueError("allocation='sensitivity' needs calibration batches: quantize_(model, cfg, calib=batches), "
+        what = "allocation='sensitivity'" if sens else "rounding='gptq'"
+        raise ValueError(f"{what} needs calibration batches: quantize_(model, cfg, calib=batches), "
                          "e.g. batches = acip.eval.token_windows(tok, acip.data.kjv_split()[0], 128, 8)")
     from dataclasses import replace
 
-    from .sensitivity import plan_layer_lams
+    out = {n: cfg for n in targets}
+    if sens:
+        from .sensitivity import plan_layer_lams
 
-    return {n: replace(cfg, lam=lam) for n, lam in plan_layer_lams(model, dict(targets), cfg, calib).items()}
+        out = {n: replace(cfg, lam=lam) for n, lam in plan_layer_lams(model, dict(targets), cfg, calib).items()}
+    if gptq:
+        from acip.core.whiten import input_grams
+
+        from .sensitivity import calibration_batches
+
+        names = [n for n, lin in targets.items() if lin.weight.numel()]
+        ids = (b["input_ids"] for b in calibration_batches(calib))
+        grams = input_grams(model, ids, names, desc="gptq calibration")
+        # fp32 copies, one per distinct input (layers that share an input share the tensor)
+        small = {id(g): g.float() for g in grams.values()}
+        out = {n: replace(out.get(n, cfg), gram=small[id(grams[n])]) for n in names}
+    return out
 
 
 def _summary(new: nn.Module) -> str:
@@ -182,8 +201,10 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
     ``"name"`` picks the alias, default ``"entropy"``) or None (``EntropyQuantConfig()``).
     ``progress`` (e.g. ``print``) receives one line per target layer. ``calib``: calibration batches
     (token ids) for a config with ``allocation="sensitivity"``, which then sets each layer's ``lam``
-    (``acip.quant.sensitivity.plan_layer_lams``, from the empirical Fisher); every other config is
-    data-free and refuses it.
+    (``acip.quant.sensitivity.plan_layer_lams``, from the empirical Fisher), or with
+    ``rounding="gptq"``, which then gives each layer its inputs' ``X^T X`` (one forward per batch,
+    before any layer changes; one fp32 Gram per distinct layer input is held until the end: in^2 x 4
+    bytes each); every other config is data-free and refuses it.
 
     Raises ``NoTargetLayersError`` when no layer is selected and ``TypeError`` for a target whose
     weight is not a float tensor, both before any layer changes.
@@ -217,6 +238,6 @@ def quantize_(model: nn.Module, config: Any = None, progress: Callable[[str], No
             setattr(hf_config, LAYOUT_KEY, layout)
             if callable(getattr(cfg, "to_dict", None)):
                 hf_config.acip_quant = cfg.to_dict()
-                if layer_cfg:
+                if getattr(cfg, "allocation", "uniform") == "sensitivity":
                     hf_config.acip_quant["layer_lam"] = {n: c.lam for n, c in layer_cfg.items()}
     return model
