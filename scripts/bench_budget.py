@@ -239,6 +239,14 @@ def main() -> None:
     ap.add_argument("--nf4-bytes", type=int, default=None, help="budget: NF4's stored bytes (else measured here)")
     ap.add_argument("--lams", type=float, nargs="*", default=list(LAMS))
     ap.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
+    ap.add_argument("--fmt", choices=("e4m3", "uniform"), default="e4m3",
+                    help="ours / budget: the entropy quantizer's code format; uniform adds the rounding='gptq' rows "
+                         "(calibrated on the same --calib-windows) next to nearest rounding")
+    ap.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                    help="budget with --fmt uniform: the codes' rounding (gptq: Fisher and Grams from the "
+                         "--gptq-calib-windows)")
+    ap.add_argument("--gptq-calib-windows", type=int, default=64,
+                    help="fmt=uniform rounding=gptq: windows of 128 tokens of the KJV training split for the Grams")
     ap.add_argument("--refs", action="store_true", help="budget: the fp32 and NF4 rows too (same process)")
     ap.add_argument("--uniform-lams", type=float, nargs="*", default=[],
                     help="budget: ours uniform at these lams too (same process)")
@@ -285,6 +293,7 @@ def main() -> None:
     names = target_names(base)
     dense = sum(base.get_submodule(n).weight.numel() for n in names)
     calib = calibration(tok, args.calib_windows)
+    gcalib = calibration(tok, args.gptq_calib_windows) if args.fmt == "uniform" else None
     rows: list[dict] = []
     out = {"header": header, "command": " ".join(sys.argv), "dense_params": dense, "rows": rows,
            "calib": f"{args.calib_windows} x 128 tokens of the KJV training split"}
@@ -331,12 +340,15 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a peer that does not run here is reported
                 say(f"HQQ {b}-bit did not run: {type(e).__name__}: {e}")
                 error(f"HQQ {b}-bit g64", f"{type(e).__name__}: {e}")
-    def ours(lam: float, alloc: str) -> None:
-        cfg = EntropyQuantConfig(lam=lam, allocation=alloc)
+    def ours(lam: float, alloc: str, rounding: str = "nearest") -> None:
+        cfg = EntropyQuantConfig(lam=lam, allocation=alloc, fmt=args.fmt, rounding=rounding)
         t = time.perf_counter()
-        m = quantize_(copy.deepcopy(base), cfg, calib=calib if alloc == "sensitivity" else None)
+        data_aware = alloc == "sensitivity" or rounding == "gptq"
+        m = quantize_(copy.deepcopy(base), cfg, calib=(gcalib if rounding == "gptq" else calib) if data_aware else None)
         sec = time.perf_counter() - t
         label = f"ours lam={lam:g}" + (" (sensitivity, matched bytes)" if alloc == "sensitivity" else " (uniform)")
+        if args.fmt != "e4m3":
+            label += f" fmt={args.fmt}" + (", gptq rounding" if rounding == "gptq" else "")
         extra = {"layer_lam": m.config.acip_quant["layer_lam"]} if alloc == "sensitivity" else {}
         record(label, m, sec, saved_bytes(m, names), **extra)
 
@@ -345,6 +357,8 @@ def main() -> None:
             for alloc in ("uniform", "sensitivity"):
                 if want(f"{alloc}{lam:g}"):
                     ours(lam, alloc)
+                if args.fmt == "uniform" and want(f"{alloc}{lam:g}:gptq"):
+                    ours(lam, alloc, "gptq")
     if args.part == "budget":
         for lam in args.uniform_lams:
             ours(lam, "uniform")
@@ -369,6 +383,8 @@ def main() -> None:
             del m
         budgets = [("budget export at NF4's bytes", {"size_mb": nf4_bytes / 1e6})] if want("budget_nf4") else []
         budgets += [(f"budget export at {b:g} bits/param", {"bits_per_param": b}) for b in args.bits]
+        if args.fmt != "e4m3":
+            budgets = [(f"{label} (fmt={args.fmt}, {args.rounding})", kw) for label, kw in budgets]
         Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
         fresh = not Path(args.cache).is_file()
 
@@ -381,7 +397,9 @@ def main() -> None:
 
         for i, (label, kw) in enumerate(budgets):
             t = time.perf_counter()
-            small = export_budget(pm, calib=calib, cache=args.cache, progress=progress, **kw)
+            bq = EntropyQuantConfig(fmt=args.fmt, rounding=args.rounding)
+            small = export_budget(pm, calib=gcalib if args.rounding == "gptq" else calib, cache=args.cache,
+                                  progress=progress, quant=bq, **kw)
             sec = time.perf_counter() - t
             info = small.config.acip_export["budget"]
             kinds: dict[str, int] = {}

@@ -165,3 +165,33 @@ def test_cli_help_and_parse(capsys):
     with pytest.raises(SystemExit):
         ap.parse_args(["run", "--size-mb", "-1"])
     json.dumps(vars(args), default=str)
+
+
+def test_budget_with_uniform_gptq_storage(run_dir, tmp_path):
+    """quantize=EntropyQuantConfig(fmt="uniform", rounding="gptq") + calib: the ECSQ layers with GPTQ codes,
+    still within the budget, saved and reloaded to the same logits; a wrong quantize= is refused."""
+    from acip.quant import EntropyQuantConfig, NF4Config
+
+    d, base = run_dir
+    calib = [torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    q = EntropyQuantConfig(fmt="uniform", rounding="gptq")
+    with pytest.raises(ValueError, match="needs calib"):
+        acip.export(d, model=base, bits_per_param=3.0, quantize=q)
+    with pytest.raises(TypeError, match="NF4Config"):
+        acip.export(d, model=base, bits_per_param=3.0, quantize=NF4Config())
+    with pytest.raises(ValueError, match="allocation='sensitivity'"):
+        acip.export(d, model=base, bits_per_param=3.0, quantize=EntropyQuantConfig(allocation="sensitivity"), calib=calib)
+    with pytest.raises(TypeError, match="without ratio="):
+        acip.export(d, model=base, ratio=0.5, bits_per_param=3.0)
+    small = acip.export(d, model=base, bits_per_param=3.0, quantize=q, calib=calib)
+    near = acip.export(d, model=base, bits_per_param=3.0, quantize=EntropyQuantConfig(fmt="uniform"), calib=calib)
+    info = small.config.acip_export["budget"]
+    assert 0.97 * info["budget_bytes"] <= info["stored_bytes"] <= info["budget_bytes"]
+    assert small.config.acip_quant["fmt"] == "uniform" and small.config.acip_quant["rounding"] == "gptq"
+    coded = [m for m in small.modules() if isinstance(m, EntQuantLinear)]
+    assert coded and all(m.entry["method"] == "ecsq" for m in coded)
+    # the same cost model (rates are measured with fmt="uniform" either way): the same first allocation
+    assert info["builds"][0]["predicted"] == near.config.acip_export["budget"]["builds"][0]["predicted"]
+    small.save_pretrained(tmp_path / "g")
+    x = torch.randint(0, 96, (1, 10))
+    torch.testing.assert_close(acip.load(tmp_path / "g")(x).logits, small(x).logits)

@@ -163,6 +163,9 @@ def export(
     ``size_mb`` (10^6 bytes) or ``bits_per_param`` instead of ``ratio``: a byte budget for the target
     layers; every layer's rank and quantizer rate are chosen jointly to fit it (never above, within
     3%; :mod:`acip.export.budget`), ``calib`` optional token batches for its per-layer sensitivities.
+    With a budget, ``quantize`` is the entropy quantizer's settings for its quantized layers (an
+    ``EntropyQuantConfig`` whose ``lam`` the budget chooses per layer, e.g.
+    ``EntropyQuantConfig(fmt="uniform", rounding="gptq")`` with ``calib``).
 
     ``adapters=False`` exports the score map's truncation without the run's LoRA adapters: every
     layer is then untuned, so a layer stored dense keeps its full ``W``. The adapters were trained
@@ -177,13 +180,13 @@ def export(
     from transformers.initialization import no_init_weights
 
     if size_mb is not None or bits_per_param is not None:  # byte budget: ranks and storage chosen jointly
-        if ratio is not None or quantize is not None:
+        if ratio is not None:
             raise TypeError("a byte budget (size_mb= / bits_per_param=) chooses ranks and quantizer rates itself: "
-                            "pass it without ratio= and quantize=")
+                            "pass it without ratio=")
         from .budget import export_budget
 
         return export_budget(source, size_mb=size_mb, bits_per_param=bits_per_param, model=model,
-                             score_map=score_map, adapters=adapters, calib=calib)
+                             score_map=score_map, adapters=adapters, calib=calib, quant=quantize)
     if isinstance(adapters, str) and adapters == "auto":  # the run's recorded per-ratio choice (export/auto.py)
         from .auto import decide_adapters
 

@@ -227,7 +227,7 @@ def _too_small(cm: CostModel, budget: float) -> BudgetError:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 def _layer_rates(layer: Any, order: torch.Tensor, rmax: int, rdense: int, adapters: bool, lams: tuple[float, ...],
-                 rows: int, name: str, fis: LayerFisher | None = None) -> dict[str, Any]:
+                 rows: int, name: str, fis: LayerFisher | None = None, quant: Any = None) -> dict[str, Any]:
     """(Q, 3) arrays of bits / eps / fixed / row_bytes for (up, down, dense) of one layer, and
     ``dense_sens``: ``S`` of the dense weight it would store (None without ``fis``)."""
     fb = layer.base.element_size()
@@ -241,7 +241,7 @@ def _layer_rates(layer: Any, order: torch.Tensor, rmax: int, rdense: int, adapte
     for j, m in enumerate(mats):
         if m is None or m.numel() == 0:
             continue
-        got = measure_rates(m, lams, rows=rows, seed=j, name=f"{name}[{('up', 'down', 'dense')[j]}]")
+        got = measure_rates(m, lams, rows=rows, seed=j, name=f"{name}[{('up', 'down', 'dense')[j]}]", base=quant)
         for f in _FIELDS:
             res[f][1:, j] = got[f]
     res["dense_sens"] = None if fis is None else fis.sensitivity(mats[2])
@@ -270,7 +270,7 @@ def _fisher(pm: ACIPModel, batches: list[dict], progress: Callable[[str], None] 
 
 
 def _key(pm: ACIPModel, sm: ScoreMap, adapters: bool, lams: tuple[float, ...], rows: int,
-         batches: list[dict] | None) -> str:
+         batches: list[dict] | None, quant: Any = None) -> str:
     h = hashlib.sha256()
     calib = None
     if batches is not None:
@@ -281,19 +281,22 @@ def _key(pm: ACIPModel, sm: ScoreMap, adapters: bool, lams: tuple[float, ...], r
     fb = next(iter(pm.svd_layers().values())).base.element_size()
     h.update(json.dumps([COST_FORMAT, sm.digest(), pm.acip_config.digest(), adapters, list(lams), rows, calib, fb,
                          sorted(pm.liftable_layers())]).encode())
+    if quant is not None and quant.fmt != "e4m3":  # what the rates depend on (e4m3: the keys of before the option)
+        h.update(json.dumps([quant.fmt, quant.fallback, quant.max_rel_error]).encode())
     return h.hexdigest()
 
 
 def cost_model(pm: ACIPModel, sm: ScoreMap, *, adapters: bool = True, lams: tuple[float, ...] = DEFAULT_LAMS,
                calib: Any = None, cache: str | os.PathLike | None = None, rows: int = SAMPLE_ROWS,
-               progress: Callable[[str], None] | None = None) -> CostModel:
+               progress: Callable[[str], None] | None = None, quant: Any = None) -> CostModel:
     """Measure (or load from ``cache`` / this process's memo) the cost model of ``pm`` with ``sm``'s order.
 
     ``calib``: token-id batches of *training* text for the Fisher passes (one forward+backward per
-    window); without it the cost model is data-free (singular-value energies)."""
+    window); without it the cost model is data-free (singular-value energies). ``quant``: the
+    entropy quantizer's settings whose rates are measured (its ``fmt``; default ``EntropyQuantConfig()``)."""
     lams = tuple(sorted(float(x) for x in lams))
     batches = calibration_batches(calib) if calib is not None else None
-    key = _key(pm, sm, adapters, lams, rows, batches)
+    key = _key(pm, sm, adapters, lams, rows, batches, quant)
     if key in _MEMO:
         return _MEMO[key]
     if cache is not None and Path(cache).is_file():
@@ -343,7 +346,7 @@ def cost_model(pm: ACIPModel, sm: ScoreMap, *, adapters: bool = True, lams: tupl
         rmax.append(rm)
         rdense.append(rd)
         bias_b.append(0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size())
-        got = _layer_rates(layer, order, rm, rd, adapters, lams, rows, name, f)
+        got = _layer_rates(layer, order, rm, rd, adapters, lams, rows, name, f, quant)
         dense_sens.append(kept_a[rd] if got["dense_sens"] is None else got["dense_sens"])
         per.append(got)
         say(f"cost model: {name} ({l + 1}/{len(layers)}), {time.perf_counter() - t0:.1f}s")
@@ -383,8 +386,10 @@ def target_bytes(model: nn.Module, names: list[str]) -> dict[str, int]:
     return out
 
 
-def _build(pm: ACIPModel, sm: ScoreMap, adapters: bool, a: Allocation) -> nn.Module:
-    from ..quant import EntropyQuantConfig, quantize_
+def _build(pm: ACIPModel, sm: ScoreMap, adapters: bool, a: Allocation, quant: Any, calib: Any) -> nn.Module:
+    from dataclasses import replace
+
+    from ..quant import quantize_
     from . import export
 
     new = export(pm, score_map=sm, adapters=adapters, _ranks=a.ranks)
@@ -393,23 +398,49 @@ def _build(pm: ACIPModel, sm: ScoreMap, adapters: bool, a: Allocation) -> nn.Mod
         if lam is not None:
             by_lam.setdefault(lam, []).append(name)
     for lam, names in sorted(by_lam.items()):
-        quantize_(new, EntropyQuantConfig(lam=lam, target_modules=names))
+        quantize_(new, replace(quant, lam=lam, target_modules=names),
+                  calib=calib if quant.rounding == "gptq" else None)
     if by_lam:
-        new.config.acip_quant = {"allocation": "budget", "lams": {n: a.lam[n] for n in a.lam}}
+        new.config.acip_quant = {"allocation": "budget", "lams": {n: a.lam[n] for n in a.lam},
+                                 **{k: v for k, v in quant.to_dict().items() if k in ("fmt", "rounding", "damp")}}
     return new
+
+
+def _check_quant(quant: Any, calib: Any) -> Any:
+    """``quant`` as the budget's quantizer settings: None -> ``EntropyQuantConfig()``; anything but an
+    entropy quantizer config, a layer selection or an allocation of its own is refused."""
+    from ..quant import EntropyQuantConfig
+    from ..quant.registry import resolve_config
+
+    q = EntropyQuantConfig() if quant is None else resolve_config(quant)
+    if not isinstance(q, EntropyQuantConfig):
+        raise TypeError(f"a byte budget stores its quantized layers with the entropy quantizer; quantize={quant!r} is "
+                        f"a {type(q).__name__}. Pass an EntropyQuantConfig (e.g. EntropyQuantConfig(fmt='uniform')) "
+                        f"or leave quantize= out")
+    if q.allocation != "uniform" or q.target_modules is not None or q.exclude_modules is not None:
+        raise ValueError("a byte budget chooses every layer's rank and lam itself: pass an EntropyQuantConfig without "
+                         "allocation='sensitivity', target_modules or exclude_modules")
+    if q.rounding == "gptq" and calib is None:
+        raise ValueError("EntropyQuantConfig(rounding='gptq') in a byte budget needs calib= batches of training text "
+                         "(they calibrate the Fisher cost model and the GPTQ Grams)")
+    return q
 
 
 def export_budget(source: Any, *, size_mb: float | None = None, bits_per_param: float | None = None,
                   model: Any = None, score_map: ScoreMap | None = None, adapters: bool | str = "auto",
                   calib: Any = None,
                   lams: tuple[float, ...] | None = None, cache: str | os.PathLike | None = None,
-                  progress: Callable[[str], None] | None = None) -> nn.Module:
+                  progress: Callable[[str], None] | None = None, quant: Any = None) -> nn.Module:
     """Build the least-damage export whose target layers store at most the budget (see module docstring).
 
     ``size_mb`` (10^6 bytes) or ``bits_per_param`` (over the target layers' dense parameters) sets the
     budget. ``calib``: token-id batches of training text for the Fisher sensitivities (else data-free). ``cache``:
     where the cost model is kept (default: ``budget_cost.safetensors`` in a run directory source).
     Per-layer choices, predicted and measured bytes are in ``model.config.acip_export["budget"]``.
+    ``quant``: the entropy quantizer's settings for the quantized layers (an ``EntropyQuantConfig``;
+    its ``lam`` is chosen per layer, so only ``fmt``, ``rounding``, ``damp`` and the fallback fields
+    count; default ``EntropyQuantConfig()``). ``EntropyQuantConfig(fmt="uniform", rounding="gptq")``
+    needs ``calib``: the same batches calibrate the Fisher and each quantized factor's GPTQ Gram.
     """
     from . import resolve
 
@@ -418,6 +449,7 @@ def export_budget(source: Any, *, size_mb: float | None = None, bits_per_param: 
     for nm, v in (("size_mb", size_mb), ("bits_per_param", bits_per_param)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
             raise ValueError(f"{nm} must be a positive number, got {v!r}")
+    quant = _check_quant(quant, calib)
     say = progress or (lambda _line: None)
     pm, sm = resolve(source, model, score_map, adapters)
     if isinstance(adapters, str) and adapters == "auto":  # no ratio: adapters where the run found them to help
@@ -429,7 +461,7 @@ def export_budget(source: Any, *, size_mb: float | None = None, bits_per_param: 
         cache = (p.parent if p.is_file() else p) / COST_FILE
     t0 = time.perf_counter()
     cm = cost_model(pm, sm, adapters=adapters, lams=DEFAULT_LAMS if lams is None else lams, calib=calib,
-                    cache=cache, progress=progress)
+                    cache=cache, progress=progress, quant=quant)
     budget = float(size_mb) * MB if size_mb is not None else float(bits_per_param) * cm.dense_params / 8
     if budget < cm.min_bytes():
         raise _too_small(cm, budget)
@@ -444,7 +476,7 @@ def export_budget(source: Any, *, size_mb: float | None = None, bits_per_param: 
             target *= 0.99
             continue
         built.add(sig)
-        new = _build(pm, sm, adapters, a)
+        new = _build(pm, sm, adapters, a, quant, calib)
         got = target_bytes(new, cm.names)
         used = sum(got.values())
         tried.append({"target": round(target), "predicted": round(a.total_bytes), "measured": used})
