@@ -16,9 +16,15 @@ part evaluates on the same windows: 40 x 256 tokens of the KJV held-out split an
 * ``ours``: the entropy quantizer, uniform at lam 3.9 / 14.5 / 58, and
   ``allocation="sensitivity"`` at each of those lams (matched bytes; the empirical Fisher of
   ``--calib-windows`` windows of 128 tokens of the KJV *training* split).
+* ``ours --fmt uniform``: the same rows with ``fmt="uniform"`` (ECSQ), each next to its
+  ``rounding="gptq"`` twin (GPTQ error feedback; Grams from ``--gptq-calib-windows`` windows of 128
+  tokens of the KJV training split, the GPTQ peer's calibration text); ``--skip uniform13.4:gptq``
+  leaves one out.
 * ``budget``: ``export_budget(run, size_mb=NF4's bytes / bits_per_param=3.0 / 2.5)`` with the
   calibrated cost model (the same calibration windows), cached in ``--cache``; ``--refs`` and
-  ``--uniform-lams`` add fp32, NF4 and ours uniform to the same process.
+  ``--uniform-lams`` add fp32, NF4 and ours uniform to the same process; ``--fmt uniform
+  [--rounding gptq]`` stores the quantized layers as ECSQ (with GPTQ codes: Fisher and Grams from
+  the ``--gptq-calib-windows``).
 * ``grid``: ``acip.export(run, ratio=r)`` (``adapters="auto"``) then ours uniform at ``lam``, for
   every ``--ratios`` x ``--grid-lams`` point (``--skip grid0.7:58`` leaves one out). ``--table``
   then names the best grid point at NF4's bytes and at each ``--bits`` (stored bytes <= budget).

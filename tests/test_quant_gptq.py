@@ -115,3 +115,17 @@ def test_gptq_with_sensitivity_allocation_records_the_layer_lams(tiny_llama):
     m = quantize_(copy.deepcopy(tiny_llama), cfg, calib=_calib())
     lams = m.config.acip_quant["layer_lam"]
     assert set(lams) == {n for n, mod in m.named_modules() if isinstance(mod, EntQuantLinear)}
+
+
+def test_a_given_gram_quantizes_one_layer_without_calib(tiny_llama):
+    name = "model.layers.0.self_attn.q_proj"
+    grams = input_grams(tiny_llama, iter(_calib()), [name])
+    cfg = EntropyQuantConfig(fmt="uniform", rounding="gptq", lam=13.5, target_modules=[name], gram=grams[name].float())
+    one = quantize_(copy.deepcopy(tiny_llama), cfg)
+    assert isinstance(one.get_submodule(name), EntQuantLinear)
+    assert not isinstance(one.get_submodule("model.layers.0.self_attn.k_proj"), EntQuantLinear)
+    both = quantize_(copy.deepcopy(tiny_llama), EntropyQuantConfig(fmt="uniform", rounding="gptq", lam=13.5,
+                                                                   target_modules=[name]), calib=_calib())
+    assert torch.equal(one.get_submodule(name).weight, both.get_submodule(name).weight)
+    with pytest.raises(ValueError, match="without calib="):
+        quantize_(copy.deepcopy(tiny_llama), cfg, calib=_calib())

@@ -397,9 +397,19 @@ def _build(pm: ACIPModel, sm: ScoreMap, adapters: bool, a: Allocation, quant: An
     for name, lam in a.lam.items():
         if lam is not None:
             by_lam.setdefault(lam, []).append(name)
-    for lam, names in sorted(by_lam.items()):
-        quantize_(new, replace(quant, lam=lam, target_modules=names),
-                  calib=calib if quant.rounding == "gptq" else None)
+    if quant.rounding == "gptq" and by_lam:  # one calibration pass for every quantized linear, then layer by layer
+        from ..core.whiten import input_grams
+        from ..quant.registry import target_linears
+
+        lins = list(target_linears(new, sorted(a_name for names in by_lam.values() for a_name in names)))
+        grams = input_grams(new, (b["input_ids"] for b in calibration_batches(calib)), lins, desc="gptq calibration")
+        small = {id(g): g.float() for g in grams.values()}
+        for lin in lins:
+            layer = lin.rsplit(".", 1)[0] if lin.endswith((".up", ".down")) and lin not in a.lam else lin
+            quantize_(new, replace(quant, lam=a.lam[layer], target_modules=[lin], gram=small[id(grams[lin])]))
+    else:
+        for lam, names in sorted(by_lam.items()):
+            quantize_(new, replace(quant, lam=lam, target_modules=names))
     if by_lam:
         new.config.acip_quant = {"allocation": "budget", "lams": {n: a.lam[n] for n in a.lam},
                                  **{k: v for k, v in quant.to_dict().items() if k in ("fmt", "rounding", "damp")}}

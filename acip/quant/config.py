@@ -173,6 +173,7 @@ class EntropyQuantConfig:
         damp: ``rounding="gptq"``'s dampening of ``H`` (> 0; relative to the mean of its diagonal).
         gram: set by ``quantize_`` for each layer with ``rounding="gptq"`` (its inputs' ``X^T X``,
             :func:`acip.core.whiten.input_grams`); never saved, not part of the config's identity.
+            Given by the caller (one target layer, no ``calib=``), it is used as it is.
     """
 
     lam: float = 14.5

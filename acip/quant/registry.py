@@ -161,6 +161,11 @@ def _per_layer_configs(model: nn.Module, cfg: Any, targets: Mapping[str, nn.Line
                              f"here is data-free (pass EntropyQuantConfig(lam=..., allocation='sensitivity') or "
                              f"EntropyQuantConfig(fmt='uniform', rounding='gptq') to use the batches)")
         return {}
+    if gptq and getattr(cfg, "gram", None) is not None:  # a Gram given by the caller: every target uses it
+        if sens or calib is not None:
+            raise ValueError("EntropyQuantConfig(gram=...) is one layer's Gram given directly; pass it without calib= "
+                             "and without allocation='sensitivity' (or leave gram= out and pass calib=)")
+        return {}
     if calib is None:
         what = "allocation='sensitivity'" if sens else "rounding='gptq'"
         raise ValueError(f"{what} needs calibration batches: quantize_(model, cfg, calib=batches), "
