@@ -80,13 +80,18 @@ def plot(png: str, files: list[str]) -> None:
         rows += [r for r in json.loads(Path(f).read_text())["rows"] if "error" not in r]
     fp = next(r for r in rows if r["method"] == "fp32")
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.6))
+    # first match wins: the ECSQ (fmt=uniform) and GPTQ-rounding variants before their e4m3 families
     style = {"fp32": ("k", "*"), "bitsandbytes": ("tab:blue", "s"), "HQQ": ("tab:orange", "^"),
-             "(uniform)": ("tab:green", "o"), "(sensitivity": ("tab:red", "D"), "budget": ("tab:purple", "P"),
-             "grid": ("tab:gray", "."), "GPTQ": ("tab:brown", "v")}
+             "GPTQ": ("tab:brown", "v"), "uniform, gptq)": ("magenta", "P"), "uniform, nearest)": ("tab:pink", "P"),
+             "budget": ("tab:purple", "P"), "grid": ("tab:gray", "."),
+             "(sensitivity, matched bytes) fmt=uniform, gptq": ("darkred", "X"),
+             "(uniform) fmt=uniform, gptq": ("tab:olive", "X"), "(uniform) fmt=uniform": ("tab:cyan", "o"),
+             "(uniform)": ("tab:green", "o"), "(sensitivity": ("tab:red", "D")}
 
     def short(m: str) -> str:
         return (m.replace(" (sensitivity, matched bytes)", " sensitivity").replace("budget export at ", "budget at ")
-                .replace("bitsandbytes ", "").replace(" (uniform)", " uniform"))
+                .replace("bitsandbytes ", "").replace(" (uniform)", " uniform").replace("fmt=uniform, gptq rounding",
+                "ECSQ+gptq").replace("fmt=uniform", "ECSQ"))
 
     handles = []
     for ax, dom, title in zip(axes, DOMAINS, ("KJV held-out", "pydoc")):
