@@ -85,6 +85,24 @@ def calibration(tok, n: int) -> list[torch.Tensor]:
     return [w[None] for w in acip.eval.token_windows(tok, train, 128, n)]
 
 
+def selfgen_mix_calibration(tok, n: int) -> list[torch.Tensor]:
+    """``n`` windows of 128 tokens of the README main job's training data: a quarter KJV *training*
+    windows, three quarters the model's own chat-turn samples (the ``data=mix`` default's
+    ``self_generated`` component with its settings, read from the acip cache or sampled once; its
+    training rows only, never its validation rows)."""
+    from omegaconf import OmegaConf
+
+    from acip.train.sources import self_generated
+
+    comp = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/data/mix.yaml").components.self_generated.data
+    kw = {k: v for k, v in OmegaConf.to_container(comp).items() if k not in ("_target_", "model", "seed")}
+    model = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/model/smollm2_135m.yaml"))
+    train, _ = self_generated(model, seed=0, **kw)
+    n_kjv = n // 4
+    rows = train.tokens[: n - n_kjv, :128]
+    return calibration(tok, n_kjv) + [r[None] for r in rows]
+
+
 def target_names(model: nn.Module) -> list[str]:
     from acip.quant import target_linears
 
@@ -251,6 +269,9 @@ def main() -> None:
     ap.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
                     help="budget with --fmt uniform: the codes' rounding (gptq: Fisher and Grams from the "
                          "--gptq-calib-windows)")
+    ap.add_argument("--gptq-calib", choices=("kjv", "mix"), default="kjv",
+                    help="fmt=uniform rounding=gptq: KJV training windows, or the main job's training mix (1/4 KJV, "
+                         "3/4 the model's own chat-turn samples)")
     ap.add_argument("--gptq-calib-windows", type=int, default=64,
                     help="fmt=uniform rounding=gptq: windows of 128 tokens of the KJV training split for the Grams")
     ap.add_argument("--refs", action="store_true", help="budget: the fp32 and NF4 rows too (same process)")
@@ -299,7 +320,9 @@ def main() -> None:
     names = target_names(base)
     dense = sum(base.get_submodule(n).weight.numel() for n in names)
     calib = calibration(tok, args.calib_windows)
-    gcalib = calibration(tok, args.gptq_calib_windows) if args.fmt == "uniform" else None
+    gcalib = None
+    if args.fmt == "uniform":
+        gcalib = (selfgen_mix_calibration if args.gptq_calib == "mix" else calibration)(tok, args.gptq_calib_windows)
     rows: list[dict] = []
     out = {"header": header, "command": " ".join(sys.argv), "dense_params": dense, "rows": rows,
            "calib": f"{args.calib_windows} x 128 tokens of the KJV training split"}
@@ -355,6 +378,8 @@ def main() -> None:
         label = f"ours lam={lam:g}" + (" (sensitivity, matched bytes)" if alloc == "sensitivity" else " (uniform)")
         if args.fmt != "e4m3":
             label += f" fmt={args.fmt}" + (", gptq rounding" if rounding == "gptq" else "")
+            if rounding == "gptq" and args.gptq_calib != "kjv":
+                label += f" (calibrated on the {args.gptq_calib})"
         extra = {"layer_lam": m.config.acip_quant["layer_lam"]} if alloc == "sensitivity" else {}
         record(label, m, sec, saved_bytes(m, names), **extra)
 
