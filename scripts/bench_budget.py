@@ -269,7 +269,7 @@ def main() -> None:
     ap.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
                     help="budget with --fmt uniform: the codes' rounding (gptq: Fisher and Grams from the "
                          "--gptq-calib-windows)")
-    ap.add_argument("--gptq-calib", choices=("kjv", "mix"), default="kjv",
+    ap.add_argument("--gptq-calib-text", choices=("kjv", "mix"), default="kjv",
                     help="fmt=uniform rounding=gptq: KJV training windows, or the main job's training mix (1/4 KJV, "
                          "3/4 the model's own chat-turn samples)")
     ap.add_argument("--gptq-calib-windows", type=int, default=64,
@@ -322,7 +322,7 @@ def main() -> None:
     calib = calibration(tok, args.calib_windows)
     gcalib = None
     if args.fmt == "uniform":
-        gcalib = (selfgen_mix_calibration if args.gptq_calib == "mix" else calibration)(tok, args.gptq_calib_windows)
+        gcalib = (selfgen_mix_calibration if args.gptq_calib_text == "mix" else calibration)(tok, args.gptq_calib_windows)
     rows: list[dict] = []
     out = {"header": header, "command": " ".join(sys.argv), "dense_params": dense, "rows": rows,
            "calib": f"{args.calib_windows} x 128 tokens of the KJV training split"}
@@ -378,8 +378,8 @@ def main() -> None:
         label = f"ours lam={lam:g}" + (" (sensitivity, matched bytes)" if alloc == "sensitivity" else " (uniform)")
         if args.fmt != "e4m3":
             label += f" fmt={args.fmt}" + (", gptq rounding" if rounding == "gptq" else "")
-            if rounding == "gptq" and args.gptq_calib != "kjv":
-                label += f" (calibrated on the {args.gptq_calib})"
+            if rounding == "gptq" and args.gptq_calib_text != "kjv":
+                label += f" (calibrated on the {args.gptq_calib_text})"
         extra = {"layer_lam": m.config.acip_quant["layer_lam"]} if alloc == "sensitivity" else {}
         record(label, m, sec, saved_bytes(m, names), **extra)
 
