@@ -415,7 +415,8 @@ def main() -> None:
         budgets = [("budget export at NF4's bytes", {"size_mb": nf4_bytes / 1e6})] if want("budget_nf4") else []
         budgets += [(f"budget export at {b:g} bits/param", {"bits_per_param": b}) for b in args.bits]
         if args.fmt != "e4m3":
-            budgets = [(f"{label} (fmt={args.fmt}, {args.rounding})", kw) for label, kw in budgets]
+            cal = f", calibrated on the {args.gptq_calib_text}" if args.rounding == "gptq" and args.gptq_calib_text != "kjv" else ""
+            budgets = [(f"{label} (fmt={args.fmt}, {args.rounding}{cal})", kw) for label, kw in budgets]
         Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
         fresh = not Path(args.cache).is_file()
 
