@@ -398,15 +398,12 @@ def _build(pm: ACIPModel, sm: ScoreMap, adapters: bool, a: Allocation, quant: An
         if lam is not None:
             by_lam.setdefault(lam, []).append(name)
     if quant.rounding == "gptq" and by_lam:  # one calibration pass for every quantized linear, then layer by layer
-        from ..core.whiten import input_grams
-        from ..quant.registry import target_linears
+        from ..quant.registry import calibration_grams, target_linears
 
         lins = list(target_linears(new, sorted(a_name for names in by_lam.values() for a_name in names)))
-        grams = input_grams(new, (b["input_ids"] for b in calibration_batches(calib)), lins, desc="gptq calibration")
-        small = {id(g): g.float() for g in grams.values()}
-        for lin in lins:
+        for lin, gram in calibration_grams(new, calib, lins).items():
             layer = lin.rsplit(".", 1)[0] if lin.endswith((".up", ".down")) and lin not in a.lam else lin
-            quantize_(new, replace(quant, lam=a.lam[layer], target_modules=[lin], gram=small[id(grams[lin])]))
+            quantize_(new, replace(quant, lam=a.lam[layer], target_modules=[lin], gram=gram))
     else:
         for lam, names in sorted(by_lam.items()):
             quantize_(new, replace(quant, lam=lam, target_modules=names))

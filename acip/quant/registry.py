@@ -178,17 +178,22 @@ def _per_layer_configs(model: nn.Module, cfg: Any, targets: Mapping[str, nn.Line
 
         out = {n: replace(cfg, lam=lam) for n, lam in plan_layer_lams(model, dict(targets), cfg, calib).items()}
     if gptq:
-        from acip.core.whiten import input_grams
-
-        from .sensitivity import calibration_batches
-
-        names = [n for n, lin in targets.items() if lin.weight.numel()]
-        ids = (b["input_ids"] for b in calibration_batches(calib))
-        grams = input_grams(model, ids, names, desc="gptq calibration")
-        # fp32 copies, one per distinct input (layers that share an input share the tensor)
-        small = {id(g): g.float() for g in grams.values()}
-        out = {n: replace(out.get(n, cfg), gram=small[id(grams[n])]) for n in names}
+        grams = calibration_grams(model, calib, [n for n, lin in targets.items() if lin.weight.numel()])
+        out = {n: replace(out.get(n, cfg), gram=g) for n, g in grams.items()}
     return out
+
+
+def calibration_grams(model: nn.Module, calib: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """``{name: X^T X}`` (fp32) of the inputs of the linears ``names`` over the calibration batches
+    (``rounding="gptq"``): one forward per batch (:func:`acip.core.whiten.input_grams`); layers that
+    read the same input share one tensor."""
+    from acip.core.whiten import input_grams
+
+    from .sensitivity import calibration_batches
+
+    grams = input_grams(model, (b["input_ids"] for b in calibration_batches(calib)), names, desc="gptq calibration")
+    small = {id(g): g.float() for g in grams.values()}
+    return {n: small[id(g)] for n, g in grams.items()}
 
 
 def _summary(new: nn.Module) -> str:
