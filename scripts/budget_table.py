@@ -79,9 +79,12 @@ def plot(png: str, files: list[str]) -> None:
     for f in files:
         rows += [r for r in json.loads(Path(f).read_text())["rows"] if "error" not in r]
     fp = next(r for r in rows if r["method"] == "fp32")
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.4 + 0.17 * ((len(rows) + 1) // 2)))
     # first match wins: the ECSQ (fmt=uniform) and GPTQ-rounding variants before their e4m3 families
-    style = {"fp32": ("k", "*"), "bitsandbytes": ("tab:blue", "s"), "HQQ": ("tab:orange", "^"),
+    style = {"gptq, calibrated on the mix)": ("tab:purple", "P"),
+             "(sensitivity, matched bytes) fmt=uniform, gptq rounding (calibrated": ("darkorange", "X"),
+             "(uniform) fmt=uniform, gptq rounding (calibrated": ("gold", "X"),
+             "fp32": ("k", "*"), "bitsandbytes": ("tab:blue", "s"), "HQQ": ("tab:orange", "^"),
              "GPTQ": ("tab:brown", "v"), "uniform, gptq)": ("magenta", "P"), "uniform, nearest)": ("tab:pink", "P"),
              "budget": ("tab:purple", "P"), "grid": ("tab:gray", "."),
              "(sensitivity, matched bytes) fmt=uniform, gptq": ("darkred", "X"),
@@ -96,6 +99,8 @@ def plot(png: str, files: list[str]) -> None:
     handles = []
     for ax, dom, title in zip(axes, DOMAINS, ("KJV held-out", "pydoc")):
         for i, r in enumerate(rows, 1):  # a number at each point, the names in one legend: dense clusters stay legible
+            if r is fp:  # the dotted line: its 32 bits would squeeze every other point into a corner
+                continue
             c, mk = next((v for k, v in style.items() if k in r["method"]), ("gray", "x"))
             h = ax.scatter(r["bytes"] / 1e6, r["ppl"][dom], color=c, marker=mk, s=60, zorder=3,
                            label=f"{i}: {short(r['method'])}")
@@ -104,14 +109,17 @@ def plot(png: str, files: list[str]) -> None:
             ax.annotate(str(i), (r["bytes"] / 1e6, r["ppl"][dom]), fontsize=7, textcoords="offset points",
                         xytext=(4, 3 if i % 2 else -9))
         ax.axhline(fp["ppl"][dom], color="k", lw=0.8, ls=":")
+        ax.annotate(f"fp32 {fp['ppl'][dom]:.2f}", (0.01, fp["ppl"][dom]), xycoords=("axes fraction", "data"),
+                    fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("stored bytes of the 210 target linears (MB, log)")
         ax.set_ylabel("perplexity (log)")
         ax.set_title(f"SmolLM2-135M, {title} (40 x 256 tokens)")
         ax.grid(True, which="both", alpha=0.3)
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    legend_in = 0.17 * ((len(handles) + 1) // 2) + 0.2  # inches the legend's rows take under the panels
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
