@@ -288,3 +288,33 @@ def test_resume_applies_overrides_of_saved_keys_and_refuses_the_rest_by_name(tmp
                 "acip.nope=1: no key 'acip.nope'", "~debug: deletions"):
         assert bad in msg, bad
     assert "acip.max_steps=70" not in msg
+
+
+def test_export_cli_budget_with_ecsq_storage(tmp_path):
+    """acip-export --bits-per-param 3 --quantize entropy --quantize-arg fmt=uniform: the budget's quantized
+    layers are ECSQ; a quantizer that is not the entropy one, and gptq without calibration, are refused."""
+    from acip.cli.export import main
+    from acip.quant.module import EntQuantLinear
+
+    run = tiny_run()
+    out = main([str(run), "--bits-per-param", "3.0", "--quantize", "entropy", "--quantize-arg", "fmt=uniform",
+                "--out", str(tmp_path / "b3")])
+    model = acip.load(out)
+    info = model.config.acip_export["budget"]
+    assert 0.97 * info["budget_bytes"] <= info["stored_bytes"] <= info["budget_bytes"]
+    coded = [m for m in model.modules() if isinstance(m, EntQuantLinear)]
+    assert model.config.acip_quant["fmt"] == "uniform" and coded and all(m.method == "ecsq" for m in coded)
+    with pytest.raises(SystemExit):
+        main([str(run), "--bits-per-param", "3.0", "--quantize", "nf4"])
+    with pytest.raises(SystemExit):  # rounding=gptq needs --calib-windows
+        main([str(run), "--bits-per-param", "3.0", "--quantize", "entropy", "--quantize-arg", "fmt=uniform",
+              "--quantize-arg", "rounding=gptq", "--out", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
+
+
+def test_modernise_keeps_the_value_of_quantize_arg():
+    from acip.cli.export import _modernise
+
+    assert _modernise(["run", "--ratio", "0.6", "--quantize", "entropy", "--quantize-arg", "lam=14.5"]) == \
+        ["run", "--ratio", "0.6", "--quantize", "entropy", "--quantize-arg", "lam=14.5"]
+    assert _modernise(["run_dir=r", "ratio=0.6", "quantize.lam=3.9"]) == ["r", "--ratio=0.6", "--quantize-arg", "lam=3.9"]

@@ -2,6 +2,7 @@
 
     acip-export <run_dir> --ratio 0.6 [--quantize entropy --quantize-arg lam=14.5] [--adapters auto|true|false] [--out DIR]
     acip-export <run_dir> --size-mb 40            (or --bits-per-param 3.0) [--calib-windows 8]
+        [--quantize entropy --quantize-arg fmt=uniform [--quantize-arg rounding=gptq]]   (ECSQ storage; gptq needs --calib-windows)
 
 The Hydra-style spelling of earlier versions (``run_dir=... ratio=0.6 quantize=entropy
 quantize.lam=14.5 adapters=false out=...``) is accepted too. The run directory holds the model's
@@ -81,18 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+VALUE_OPTIONS = ("--quantize-arg",)
+"""Options whose value is itself ``FIELD=VALUE``: :func:`modernise_argv` leaves that value as it is."""
+
+
 def modernise_argv(argv: Sequence[str], special: Callable[[str, str], list[str] | None] | None = None) -> list[str]:
     """Translate the earlier Hydra-style ``key=value`` spelling into argparse tokens.
 
     ``run_dir=X`` -> the positional ``X``; ``key_name=v`` -> ``--key-name=v`` (argparse names an
     unknown key as unrecognised); flags, bare words and paths (a ``/`` before the ``=``) pass
-    unchanged. ``special(key, value)`` may return the tokens for a key itself (``None``: the rule
+    unchanged, and so does the value after an option that takes ``FIELD=VALUE`` (``--quantize-arg
+    lam=14.5``). ``special(key, value)`` may return the tokens for a key itself (``None``: the rule
     above). ``acip-export`` and ``acip-finetune`` share it.
     """
     out: list[str] = []
-    for a in argv:
+    for i, a in enumerate(argv):
         key, sep, val = a.partition("=")
-        if not sep or a.startswith("-") or "/" in key:
+        if not sep or a.startswith("-") or "/" in key or (i and argv[i - 1] in VALUE_OPTIONS):
             out.append(a)
         elif key == "run_dir":
             out.append(val)
@@ -123,8 +129,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.quantize_arg and args.quantize is None:
         ap.error("--quantize-arg given without --quantize (e.g. --quantize entropy)")
     budget = args.size_mb is not None or args.bits_per_param is not None
-    if budget and args.quantize is not None:
-        ap.error("a byte budget (--size-mb / --bits-per-param) chooses the quantizer rates itself: drop --quantize")
+    if budget and args.quantize not in (None, "entropy"):
+        ap.error(f"a byte budget (--size-mb / --bits-per-param) stores its quantized layers with the entropy quantizer; "
+                 f"--quantize {args.quantize} does not combine with it (drop it, or pass --quantize entropy "
+                 f"--quantize-arg fmt=uniform [--quantize-arg rounding=gptq --calib-windows N])")
     if args.calib_windows and not budget:
         ap.error("--calib-windows goes with a byte budget (--size-mb or --bits-per-param)")
     import acip
@@ -157,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     adapters: bool | str = {"auto": "auto", "true": True, "false": False}[args.adapters]
     suffix = (f"-{args.quantize}" if quantize is not None else "") + ("-no-adapters" if adapters is False else "")
     if budget:
-        return _export_budget(args, ap, run_dir, pm, tok, adapters)
+        return _export_budget(args, ap, run_dir, pm, tok, adapters, quantize)
     out = args.out or run_dir / f"export_r{int(round(100 * args.ratio))}{suffix}"
     model = acip.export(pm, args.ratio, quantize=quantize, adapters=adapters)
     rep = acip.size_report(model)
@@ -170,8 +178,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_dir: Path, pm: Any, tok: Any,
-                   adapters: bool | str) -> Path:
-    """``--size-mb`` / ``--bits-per-param``: the byte-budget export, its cost model cached in ``run_dir``."""
+                   adapters: bool | str, quantize: Any = None) -> Path:
+    """``--size-mb`` / ``--bits-per-param``: the byte-budget export, its cost model cached in ``run_dir``;
+    ``--quantize entropy --quantize-arg fmt=uniform ...`` sets its quantized layers' format (its lam is chosen per layer)."""
     from acip.export.budget import COST_FILE, BudgetError, export_budget
 
     calib = None
@@ -186,10 +195,14 @@ def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_di
     out = args.out or run_dir / (f"export_{name}" + ("-no-adapters" if adapters is False else ""))
     try:
         model = export_budget(pm, size_mb=args.size_mb, bits_per_param=args.bits_per_param, adapters=adapters,
-                              calib=calib, cache=run_dir / COST_FILE,
+                              calib=calib, cache=run_dir / COST_FILE, quant=quantize,
                               progress=lambda line: print(f"[acip] {line}", flush=True))
     except BudgetError as e:
         ap.exit(2, f"acip-export: error: {e}\n")
+    except (TypeError, ValueError) as e:
+        if quantize is None:
+            raise
+        ap.error(f"--quantize entropy {' '.join(f'--quantize-arg {k}={v}' for k, v in args.quantize_arg)}: {e}")
     model.save_pretrained(out)
     if tok is not None:
         tok.save_pretrained(out)
