@@ -318,3 +318,25 @@ def test_modernise_keeps_the_value_of_quantize_arg():
     assert _modernise(["run", "--ratio", "0.6", "--quantize", "entropy", "--quantize-arg", "lam=14.5"]) == \
         ["run", "--ratio", "0.6", "--quantize", "entropy", "--quantize-arg", "lam=14.5"]
     assert _modernise(["run_dir=r", "ratio=0.6", "quantize.lam=3.9"]) == ["r", "--ratio=0.6", "--quantize-arg", "lam=3.9"]
+
+
+def test_export_cli_budget_calibrates_on_the_runs_training_data_without_its_validation_split(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from acip.cli.export import _calibration_texts, main
+    from acip.train.run import _build, run_validation_split
+
+    run = tiny_run()
+    cfg = OmegaConf.load(run / "config.yaml")
+    _, tok = _build(cfg.model)
+    texts, what = _calibration_texts(run, "run", tok)
+    train, _ = _build(cfg.data)
+    rest, val = run_validation_split(cfg, train, tok)
+    assert "run's training data" in what and sorted(texts) == sorted(rest) and not set(val) & set(texts)
+    kjv, what = _calibration_texts(run, "kjv", tok)
+    assert what == "the KJV training split" and sorted(kjv) == sorted(acip.data.kjv_split()[0])
+    out = main([str(run), "--bits-per-param", "3.0", "--calib-windows", "2", "--quantize", "entropy",
+                "--quantize-arg", "fmt=uniform", "--quantize-arg", "rounding=gptq", "--out", str(tmp_path / "g")])
+    assert "2 windows of 128 tokens of the run's training data" in capsys.readouterr().out
+    model = acip.load(out)
+    assert model.config.acip_quant["rounding"] == "gptq" and model.config.acip_export["budget"]["calibrated"]

@@ -1,7 +1,7 @@
 """``acip-export`` / ``python -m acip.export``: export a finished run at one ratio and save it.
 
     acip-export <run_dir> --ratio 0.6 [--quantize entropy --quantize-arg lam=14.5] [--adapters auto|true|false] [--out DIR]
-    acip-export <run_dir> --size-mb 40            (or --bits-per-param 3.0) [--calib-windows 8]
+    acip-export <run_dir> --size-mb 40            (or --bits-per-param 3.0) [--calib-windows 8 [--calib-data run|kjv]]
         [--quantize entropy --quantize-arg fmt=uniform [--quantize-arg rounding=gptq]]   (ECSQ storage; gptq needs --calib-windows)
 
 The Hydra-style spelling of earlier versions (``run_dir=... ratio=0.6 quantize=entropy
@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--bits-per-param", type=_positive, metavar="BITS",
                       help="byte budget as bits per target-layer parameter (e.g. 3.0)")
     ap.add_argument("--calib-windows", type=int, default=0, metavar="N",
-                    help="with a byte budget: measure per-layer sensitivities on N windows of 128 tokens of the "
-                         "KJV training split (default 0: data-free cost model)")
+                    help="with a byte budget: measure per-layer sensitivities (and gptq's Grams) on N windows of 128 "
+                         "tokens of training text (default 0: data-free cost model)")
+    ap.add_argument("--calib-data", choices=["run", "kjv"], default="run",
+                    help="the training text of --calib-windows: run (the run's own data group, without the "
+                         "validation split it set aside; the default) or kjv (the KJV training split)")
     ap.add_argument("--quantize", choices=["entropy", "nf4", "lossless"], default=None,
                     help="hand the factors to a quantizer (options with --quantize-arg)")
     ap.add_argument("--quantize-arg", type=_kv, action="append", default=[], metavar="FIELD=VALUE",
@@ -177,6 +180,33 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
+def _calibration_texts(run_dir: Path, which: str, tok: Any) -> tuple[list[str], str]:
+    """Training texts for the byte budget's calibration, in a seeded-random order (so a mixture's
+    components all appear in the first windows): ``"run"`` = the run's data group (``config.yaml``)
+    minus the validation split the run set aside (:func:`acip.train.run.run_validation_split`), or,
+    for a run without a saved config, the KJV training split; ``"kjv"`` = the KJV training split."""
+    import random
+
+    cfg = None
+    if which == "run" and (run_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg is not None and cfg.get("data") is not None and cfg.get("eval") is not None:
+        from acip.train.run import _build, run_validation_split
+
+        train, _ = _build(cfg.data)
+        train, _ = run_validation_split(cfg, train, tok)
+        what = f"the run's training data ({cfg.data.get('_target_')}, validation split left out)"
+    else:
+        from acip.data import kjv_split
+
+        train, what = kjv_split()[0], "the KJV training split"
+    texts = list(train)
+    random.Random(0).shuffle(texts)
+    return texts, what
+
+
 def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_dir: Path, pm: Any, tok: Any,
                    adapters: bool | str, quantize: Any = None) -> Path:
     """``--size-mb`` / ``--bits-per-param``: the byte-budget export, its cost model cached in ``run_dir``;
@@ -187,10 +217,11 @@ def _export_budget(args: argparse.Namespace, ap: argparse.ArgumentParser, run_di
     if args.calib_windows:
         if tok is None:
             ap.error("--calib-windows needs the run's tokenizer (a base model named in its config)")
-        from acip.data import kjv_split
         from acip.eval import token_windows
 
-        calib = [w[None] for w in token_windows(tok, kjv_split()[0], 128, args.calib_windows)]
+        texts, what = _calibration_texts(run_dir, args.calib_data, tok)
+        calib = [w[None] for w in token_windows(tok, texts, 128, args.calib_windows)]
+        print(f"[acip] calibration: {len(calib)} windows of 128 tokens of {what}", flush=True)
     name = f"mb{args.size_mb:g}" if args.size_mb is not None else f"b{args.bits_per_param:g}"
     out = args.out or run_dir / (f"export_{name}" + ("-no-adapters" if adapters is False else ""))
     try:
