@@ -232,7 +232,9 @@ class EntropyQuantConfig:
                                 f"{getattr(self.gram, 'shape', type(self.gram).__name__)}; quantize_ sets it from calib=")
 
     def to_dict(self) -> dict[str, Any]:
-        d = _to_dict(self)
+        from dataclasses import replace
+
+        d = _to_dict(replace(self, gram=None) if self.gram is not None else self)  # asdict would deep-copy the Gram
         del d["gram"]
         for k, default in (("allocation", "uniform"), ("rounding", "nearest")):
             if d[k] == default:  # saved configs stay byte-identical to the format before the option
